@@ -1,0 +1,196 @@
+"""Spatial transformer of the SD2 UNet: cross-attention, GEGLU feed-forward, transformer block.
+
+Module and parameter names follow the reference (``ldm.modules.attention``) so that its
+state_dict loads unchanged: ``norm, proj_in, transformer_blocks.N.{attn1,ff,attn2,norm1..3},
+proj_out`` with ``to_q/to_k/to_v/to_out.0`` in every attention and ``ff.net.0.proj / ff.net.2``.
+
+Two numerically equivalent attention kernels are selectable per module (``attention_backend``):
+``"math"`` is the reference's default ``ATTN_PRECISION=fp32`` path (QK^T and softmax in fp32 even
+under autocast, the product with V at the autocast dtype); ``"sdpa"`` is
+``torch.nn.functional.scaled_dot_product_attention`` (fused, no materialised score matrix).
+"""
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+ATTENTION_BACKENDS = ("math", "sdpa")
+
+
+def check_attention_backend(backend: str) -> str:
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+    return backend
+
+
+def set_attention_backend(model: nn.Module, backend: str) -> int:
+    """Switch every CrossAttention inside ``model``; returns how many were switched."""
+    check_attention_backend(backend)
+    switched = 0
+    for module in model.modules():
+        if isinstance(module, CrossAttention):
+            module.attention_backend = backend
+            switched += 1
+    return switched
+
+
+def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) v on (B, heads, N, d) tensors, scores in fp32 like the reference.
+
+    The reference disables autocast around q k^T and upcasts q, k; the product with v then runs
+    under whatever autocast is active again (so in a mixed-precision step the probabilities are
+    cast to the low dtype there, exactly as here).
+    """
+    device_type = q.device.type
+    no_autocast = (torch.autocast(device_type=device_type, enabled=False)
+                   if torch.amp.is_autocast_available(device_type) else contextlib.nullcontext())
+    with no_autocast:
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    probs = scores.softmax(dim=-1)
+    return torch.matmul(probs, v)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention; self-attention when no context is given."""
+
+    def __init__(self, query_dim: int, context_dim: int | None = None, heads: int = 8,
+                 dim_head: int = 64, dropout: float = 0.0, attention_backend: str = "math"):
+        super().__init__()
+        inner_dim = heads * dim_head
+        context_dim = query_dim if context_dim is None else context_dim
+        self.heads = heads
+        self.dim_head = dim_head
+        self.scale = dim_head ** -0.5
+        self.attention_backend = check_attention_backend(attention_backend)
+        self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
+        self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
+        self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
+
+    def _split_heads(self, t: torch.Tensor) -> torch.Tensor:
+        # (B, N, heads*d) -> (B, heads, N, d) as a strided view: no copy.
+        b, n, _ = t.shape
+        return t.view(b, n, self.heads, self.dim_head).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        q = self._split_heads(self.to_q(x))
+        k = self._split_heads(self.to_k(context))
+        v = self._split_heads(self.to_v(context))
+        if self.attention_backend == "sdpa":
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        else:
+            out = _math_attention(q, k, v, self.scale)
+        b, _, n, _ = out.shape
+        out = out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head)
+        return self.to_out(out)
+
+
+class GEGLU(nn.Module):
+    """Linear to 2*dim_out, split into value and gate, value * GELU(gate) (exact erf GELU)."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """GEGLU feed-forward with a 4x hidden width (the reference's gated_ff=True)."""
+
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
+        super().__init__()
+        inner_dim = dim * mult
+        self.net = nn.Sequential(GEGLU(dim, inner_dim), nn.Dropout(dropout), nn.Linear(inner_dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm block: self-attention, cross-attention on the context, GEGLU feed-forward."""
+
+    def __init__(self, dim: int, n_heads: int, d_head: int, dropout: float = 0.0,
+                 context_dim: int | None = None, use_checkpoint: bool = False,
+                 attention_backend: str = "math"):
+        super().__init__()
+        # Registration order = reference order, so state_dict keys enumerate identically.
+        self.attn1 = CrossAttention(dim, None, n_heads, d_head, dropout, attention_backend)
+        self.ff = FeedForward(dim, dropout=dropout)
+        self.attn2 = CrossAttention(dim, context_dim, n_heads, d_head, dropout, attention_backend)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.use_checkpoint = use_checkpoint
+
+    def _forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        x = self.attn1(self.norm1(x)) + x
+        x = self.attn2(self.norm2(x), context=context) + x
+        return self.ff(self.norm3(x)) + x
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        if self.use_checkpoint and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, context, use_reentrant=False)
+        return self._forward(x, context)
+
+
+class SpatialTransformer(nn.Module):
+    """GroupNorm(32, eps 1e-6) -> proj_in -> transformer blocks over H*W tokens -> proj_out, + input.
+
+    With linear projections the (B, C, H, W) map is flattened to tokens (B, H*W, C) by a permute:
+    free for channels-last inputs. The result goes back as a permuted view (channels-last
+    strides) instead of the reference's extra ``.contiguous()`` copy; values are identical.
+    """
+
+    def __init__(self, in_channels: int, n_heads: int, d_head: int, depth: int = 1,
+                 dropout: float = 0.0, context_dim: int | list[int] | None = None,
+                 use_linear: bool = False, use_checkpoint: bool = False,
+                 attention_backend: str = "math"):
+        super().__init__()
+        inner_dim = n_heads * d_head
+        if not isinstance(context_dim, (list, tuple)):
+            context_dim = [context_dim] * depth
+        self.use_linear = use_linear
+        self.norm = nn.GroupNorm(num_groups=32, num_channels=in_channels, eps=1e-6, affine=True)
+        if use_linear:
+            self.proj_in = nn.Linear(in_channels, inner_dim)
+        else:
+            self.proj_in = nn.Conv2d(in_channels, inner_dim, kernel_size=1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner_dim, n_heads, d_head, dropout, context_dim[d],
+                                  use_checkpoint, attention_backend)
+            for d in range(depth)
+        )
+        if use_linear:
+            self.proj_out = nn.Linear(inner_dim, in_channels)
+        else:
+            self.proj_out = nn.Conv2d(inner_dim, in_channels, kernel_size=1)
+        # The reference zero-initialises proj_out (each transformer starts as the identity).
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | list[torch.Tensor] | None = None) -> torch.Tensor:
+        if not isinstance(context, (list, tuple)):
+            context = [context] * len(self.transformer_blocks)
+        b, c, h, w = x.shape
+        x_in = x
+        x = self.norm(x)
+        if not self.use_linear:
+            x = self.proj_in(x)
+        tokens = x.permute(0, 2, 3, 1).reshape(b, h * w, x.shape[1])
+        if self.use_linear:
+            tokens = self.proj_in(tokens)
+        for block, block_context in zip(self.transformer_blocks, context):
+            tokens = block(tokens, context=block_context)
+        if self.use_linear:
+            tokens = self.proj_out(tokens)
+        x = tokens.view(b, h, w, tokens.shape[-1]).permute(0, 3, 1, 2)
+        if not self.use_linear:
+            x = self.proj_out(x)
+        return x + x_in
