@@ -11,7 +11,7 @@ UNet size for:
     with 32 groups (same parameter count, same FLOPs to within a rounding).
 
 Prints samples/s, FLOPs per sample (matmul/conv/attention FLOPs counted by
-torch.utils.flop_counter during an extra fp32 step), and the share of the bf16 matmul peak measured
+torch.utils.flop_counter during the fp32 warm-up), and the share of the bf16 matmul peak measured
 in this run (a large bf16 matmul), plus forward / backward seconds per sample at a 64x64
 latent, batch 1. Needs the `bench` extra: pip install diffusers.
 
@@ -19,6 +19,7 @@ latent, batch 1. Needs the `bench` extra: pip install diffusers.
 """
 
 import argparse
+import contextlib
 import gc
 import os
 import time
@@ -82,15 +83,6 @@ def train_step(model, fast_paths: FastPaths, x, t, context, target) -> None:
     torch.nn.functional.mse_loss(out.float(), target).backward()
 
 
-def count_flops(model, batch: int, latent: int) -> float:
-    """Forward + backward FLOPs per sample of one fp32 step (doubles as a warm-up step)."""
-    counter = FlopCounterMode(display=False)
-    with counter:
-        train_step(model, FastPaths(), *inputs(batch, latent))
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / batch
-
-
 def matmul_peak(dtype: torch.dtype, n: int = 4096, reps: int = 3) -> float:
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     torch.mm(a, b)
@@ -100,16 +92,24 @@ def matmul_peak(dtype: torch.dtype, n: int = 4096, reps: int = 3) -> float:
     return 2 * n ** 3 * reps / (time.perf_counter() - start)
 
 
-def time_train_steps(model, fast_paths: FastPaths, batch: int, latent: int, warmup: int, steps: int) -> float:
-    """Seconds per training step (mean over `steps` after `warmup`)."""
+def time_train_steps(model, fast_paths: FastPaths, batch: int, latent: int, warmup: int, steps: int,
+                     flop_counter: FlopCounterMode | None = None) -> float:
+    """Seconds per training step (mean over `steps` after `warmup`); the warm-up steps run
+    inside `flop_counter` when one is given."""
     data = inputs(batch, latent)
     if fast_paths.channels_last:
         data[0] = data[0].contiguous(memory_format=torch.channels_last)
-    for i in range(warmup + steps):
-        if i == warmup:
-            start = time.perf_counter()
+
+    def step():
         model.zero_grad(set_to_none=True)
         train_step(model, fast_paths, *data)
+
+    with flop_counter if flop_counter is not None else contextlib.nullcontext():
+        for _ in range(warmup):
+            step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
     elapsed = (time.perf_counter() - start) / steps
     model.zero_grad(set_to_none=True)
     return elapsed
@@ -142,8 +142,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--latent", type=int, default=32)
     parser.add_argument("--big-latent", type=int, default=64, help="latent size of the fwd/bwd per-sample timing")
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=1, help="at least 1 (FLOPs are counted there)")
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--big-warmup", type=int, default=0,
+                        help="warm-up passes at the big latent (one-time costs are small beside a pass there)")
+    parser.add_argument("--big-steps", type=int, default=1)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--compile", action="store_true", help="also time the fastest path under torch.compile")
     parser.add_argument("--no-diffusers", action="store_true")
@@ -163,7 +166,11 @@ def main() -> None:
     rows, flops = [], {}
 
     def record(name, family, fast_paths, model):
-        seconds = time_train_steps(model, fast_paths, args.batch, args.latent, args.warmup, args.steps)
+        counter = FlopCounterMode(display=False) if family not in flops else None
+        seconds = time_train_steps(model, fast_paths, args.batch, args.latent, args.warmup, args.steps, counter)
+        if counter is not None:
+            flops[family] = counter.get_total_flops() / (args.batch * args.warmup)
+            print(f"  {family} training FLOPs per sample: {flops[family] / 1e12:.3f} TFLOP")
         rate = args.batch / seconds
         share = rate * flops[family] / peak_bf16
         rows.append((name, rate, share))
@@ -173,18 +180,17 @@ def main() -> None:
     print(f"\ntraining step, batch {args.batch}, latent {args.latent}x{args.latent}, context "
           f"({args.batch},{CONTEXT_LEN},{CONTEXT_DIM}), {args.warmup} warm-up + {args.steps} timed steps")
     model = build_sdcore()
-    flops["sdcore"] = count_flops(model, args.batch, args.latent)
-    print(f"  sdcore parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M, "
-          f"FLOPs per sample {flops['sdcore'] / 1e12:.3f} TFLOP")
+    print(f"  sdcore parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M")
     record("sdcore fp32 eager (math attention)", "sdcore", fp32, model)
     record("sdcore bf16 autocast (math attention)", "sdcore", bf16, model)
     big = {}
     for name, fast_paths in (("fp32", fp32), ("bf16", bf16)):
-        big[name] = time_forward_backward(model, fast_paths, args.big_latent, args.warmup, args.steps)
+        big[name] = time_forward_backward(model, fast_paths, args.big_latent, args.big_warmup,
+                                          args.big_steps)
     runnable = fastest.apply(model)
     record("sdcore sdpa + channels_last + bf16", "sdcore", fastest, runnable)
-    big["sdpa+channels_last+bf16"] = time_forward_backward(runnable, fastest, args.big_latent, args.warmup,
-                                                           args.steps)
+    big["sdpa+channels_last+bf16"] = time_forward_backward(runnable, fastest, args.big_latent,
+                                                           args.big_warmup, args.big_steps)
     if args.compile:
         compiled = FastPaths(attention="sdpa", channels_last=True, autocast="bf16", compile=True)
         record("sdcore sdpa + channels_last + bf16 + compile", "sdcore", compiled, compiled.apply(model))
@@ -193,9 +199,8 @@ def main() -> None:
 
     if not args.no_diffusers:
         model = DiffusersAdapter(build_diffusers())
-        flops["diffusers"] = count_flops(model, args.batch, args.latent)
-        print(f"  diffusers parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M, "
-              f"FLOPs per sample {flops['diffusers'] / 1e12:.3f} TFLOP (GroupNorm 32 everywhere)")
+        print(f"  diffusers parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
+              f"(GroupNorm 32 everywhere)")
         record("diffusers fp32", "diffusers", fp32, model)
         record("diffusers bf16 autocast", "diffusers", bf16, model)
         diffusers_cl = FastPaths(channels_last=True, autocast="bf16")

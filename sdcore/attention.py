@@ -41,8 +41,8 @@ def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     """softmax(q k^T * scale) v on (B, heads, N, d) tensors, scores in fp32 like the reference.
 
     The reference disables autocast around q k^T and upcasts q, k; the product with v then runs
-    under whatever autocast is active again (so in a mixed-precision step the probabilities are
-    cast to the low dtype there, exactly as here).
+    under the active autocast again, which casts the fp32 probabilities to v's low dtype: the
+    explicit cast here does the same and also covers a model run in half precision.
     """
     device_type = q.device.type
     no_autocast = (torch.autocast(device_type=device_type, enabled=False)
@@ -50,7 +50,7 @@ def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     with no_autocast:
         scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
     probs = scores.softmax(dim=-1)
-    return torch.matmul(probs, v)
+    return torch.matmul(probs.to(v.dtype), v)
 
 
 class CrossAttention(nn.Module):

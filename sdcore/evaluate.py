@@ -41,7 +41,8 @@ from tqdm import tqdm
 
 from sdcore.checkpoint import load_frozen_models, load_state_dict_file
 from sdcore.diffusion import LinearSchedule, ddim_sample
-from sdcore.metrics import clip_score, frechet_distance, gaussian_stats, inception_features, load_inception
+from sdcore.metrics import (INCEPTION_FEATURE, clip_score, frechet_distance, gaussian_stats, inception_features,
+                            load_inception)
 from sdcore.precision import FastPaths
 from sdcore.unet import UNetModel
 
@@ -215,7 +216,7 @@ class Evaluator:
             features.append(torch.from_numpy(inception_features(self.inception, images)))
             clip_scores.append(self.clip.score(images, prompts).double().cpu())
         return PromptScores(torch.tensor(indices, dtype=torch.int64),
-                            torch.cat(features) if features else torch.empty(0, 2048, dtype=torch.float64),
+                            torch.cat(features) if features else torch.empty(0, int(INCEPTION_FEATURE), dtype=torch.float64),
                             torch.cat(clip_scores) if clip_scores else torch.empty(0, dtype=torch.float64))
 
     @torch.no_grad()

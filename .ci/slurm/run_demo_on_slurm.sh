@@ -27,8 +27,10 @@ fail() { echo "[slurm-demo] FAILED: $*" >&2; exit 1; }
 
 WATCHER_PID=""
 cleanup() {
-    [[ -n $WATCHER_PID ]] && kill "$WATCHER_PID" 2>/dev/null
-    bash "$REPO/.ci/slurm/stop_cluster.sh"
+    local status=$?
+    if [[ -n $WATCHER_PID ]]; then kill "$WATCHER_PID" 2>/dev/null || true; fi
+    bash "$REPO/.ci/slurm/stop_cluster.sh" || status=1
+    exit "$status"
 }
 trap cleanup EXIT
 
@@ -70,7 +72,7 @@ snakemake --profile profiles/slurm-ci --slurm-logdir "$WORK/slurm_logs" \
 log "pipeline finished in $(($(date +%s) - start)) s"
 
 log "SLURM job table of the run:"
-squeue --states=all -o '%.6i %.40k %.10T %.9M %.6D %.9C %.8l %R' | tee "$WORK/slurm_jobs.txt"
+squeue --states=all --sort=i -o '%.6i %.40k %.10T %.9M %.6D %.9C %.8l %R' | tee "$WORK/slurm_jobs.txt"
 
 mapfile -t train_jobs < <(train_job_ids)
 ((${#train_jobs[@]} >= 1)) || fail "no train job was submitted to SLURM"
@@ -100,4 +102,5 @@ log "MLPerf compliance check (open division) of $RUN_DIR/mlperf.log"
 python -m mlperf_logging.compliance_checker --usage training --ruleset 5.0.0 \
     --log_output "$WORK/mlperf_check_open.txt" "$RUN_DIR/mlperf.log" \
     || fail "the MLPerf log does not pass the checker (see $WORK/mlperf_check_open.txt)"
+cat "$RUN_DIR/summary.txt"
 log "all SLURM demo checks passed"
