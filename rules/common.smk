@@ -150,14 +150,17 @@ def launcher():
 
 
 def launch_resources():
-    """Cluster resources of a distributed job, from the launch section."""
+    """Cluster resources of a distributed job: `nodes` nodes with `nproc_per_node` tasks (one per
+    GPU) and `gpus_per_node` GPUs each. With an srun launch command, `mpi` tells the SLURM executor
+    plugin to submit that allocation and let the rule's own srun start the tasks inside it."""
+    gpus = LAUNCH["gpus_per_node"]
     return dict(
         nodes=LAUNCH["nodes"],
-        tasks=LAUNCH["nodes"] * LAUNCH["nproc_per_node"],
         tasks_per_node=LAUNCH["nproc_per_node"],
         cpus_per_task=LAUNCH["cpus_per_task"],
-        gpu=LAUNCH["nodes"] * LAUNCH["gpus_per_node"],
+        gres=f"gpu:{gpus}" if gpus else "",
         runtime=LAUNCH["runtime"],
+        **({"mpi": "srun"} if LAUNCH["command"].split()[0] == "srun" else {}),
     )
 
 
