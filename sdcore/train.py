@@ -51,7 +51,7 @@ from sdcore.data import (Conditioner, FrozenTextConditioner, LatentShardSource, 
                          shard_paths, stream_seed)
 from sdcore.diffusion import LinearSchedule, v_loss
 from sdcore.distributed import DistEnv, barrier, broadcast_object, init_distributed, shutdown
-from sdcore.evaluate import Evaluator, targets_met
+from sdcore.evaluate import EvalPaths, Evaluator, targets_met
 from sdcore.mlperf_log import MlperfLogger
 from sdcore.precision import FastPaths
 from sdcore.unet import UNetModel
@@ -274,7 +274,7 @@ def text_conditioner(config: dict, env: DistEnv) -> FrozenTextConditioner:
 
     params = config["model"]["params"]["cond_stage_config"]["params"]
     encoder = FrozenOpenCLIPText(params["arch"], max_length=params["max_length"])
-    ckpt = os.path.join(config["paths"]["checkpoints"], "sd", config["checkpoints"]["sd"]["file"])
+    ckpt = EvalPaths.from_config(config).sd_checkpoint
     load_part(encoder, load_state_dict_file(ckpt), TEXT_ENCODER_PREFIX, "text encoder")
     return FrozenTextConditioner(encoder.to(env.device))
 
