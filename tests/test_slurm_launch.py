@@ -30,8 +30,10 @@ class Resources(dict):
 
 
 def dry_run_train_job(tmp_path, profile, *extra_configfiles):
-    """(resources, threads, shell command) of train_model in a dry run of the `train` target."""
-    cmd = [*SNAKEMAKE, "train", "--profile", profile, "--dry-run", "--nolock",
+    """(resources, threads, shell command) of train_model in a dry run of the `train` target.
+
+    --forcerun: the job is listed even when this checkout has already run the pipeline."""
+    cmd = [*SNAKEMAKE, "train", "--profile", profile, "--dry-run", "--nolock", "--forcerun", "train_model",
            "--directory", str(REPO), "--snakefile", str(REPO / "Snakefile")]
     if extra_configfiles:
         cmd += ["--configfile", *map(str, extra_configfiles)]
