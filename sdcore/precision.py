@@ -1,4 +1,5 @@
-"""Fast-path switches for the UNet: attention kernel, channels-last, autocast, torch.compile.
+"""Fast-path switches for the UNet: attention kernel, channels-last, autocast, GEMM convolutions
+on small maps, torch.compile.
 
 Faithful fp32 eager (the defaults) is what the golden tests check; each switch is an option
 the trainer and evaluator turn on from config and that tests compare against fp32 eager.
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from sdcore.attention import check_attention_backend, set_attention_backend
+from sdcore.conv import set_conv_gemm
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # train.precision / eval precision names -> autocast setting
@@ -23,9 +25,12 @@ class FastPaths:
     channels_last: bool = False
     autocast: str | None = None    # None | "bf16" | "fp16"
     compile: bool = False
+    conv_gemm_max_pixels: int = 0  # 0 | maps of at most this many pixels convolve as one GEMM
 
     def __post_init__(self):
         check_attention_backend(self.attention)
+        if self.conv_gemm_max_pixels < 0:
+            raise ValueError(f"conv_gemm_max_pixels must be >= 0, got {self.conv_gemm_max_pixels}")
         if self.autocast is not None and self.autocast not in AUTOCAST_DTYPES:
             raise ValueError(f"autocast must be None or one of {sorted(AUTOCAST_DTYPES)}, got {self.autocast!r}")
 
@@ -41,12 +46,14 @@ class FastPaths:
         return AUTOCAST_DTYPES.get(self.autocast)
 
     def apply(self, model: nn.Module) -> nn.Module:
-        """Set the attention kernel, memory format and compilation; returns the model to call.
+        """Set the attention and convolution kernels, memory format and compilation; returns the
+        model to call.
 
         With ``compile`` the returned object is the compiled wrapper: keep the original module
         for ``state_dict`` and the optimizer (they share parameters).
         """
         set_attention_backend(model, self.attention)
+        set_conv_gemm(model, self.conv_gemm_max_pixels)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if self.compile:

@@ -62,11 +62,16 @@ def test_eager_fp32_matches_golden(golden, eager_fp32):
     torch.testing.assert_close(eager_fp32[0], golden["out"], atol=1e-5, rtol=0)
 
 
+ALL_MAPS = 1 << 20  # conv_gemm_max_pixels that sends every eligible convolution to the GEMM kernel
+
+
 @pytest.mark.parametrize("fast_paths", [
     FastPaths(attention="sdpa"),
     FastPaths(channels_last=True),
     FastPaths(attention="sdpa", channels_last=True),
-], ids=["sdpa", "channels_last", "sdpa+channels_last"])
+    FastPaths(conv_gemm_max_pixels=ALL_MAPS),
+    FastPaths(attention="sdpa", channels_last=True, conv_gemm_max_pixels=ALL_MAPS),
+], ids=["sdpa", "channels_last", "sdpa+channels_last", "conv_gemm", "sdpa+channels_last+conv_gemm"])
 def test_fp32_fast_paths_match_eager(golden, eager_fp32, fast_paths):
     out, grad = forward_backward(golden_unet(golden), golden_inputs(golden), fast_paths)
     assert out.dtype == torch.float32
@@ -76,8 +81,10 @@ def test_fp32_fast_paths_match_eager(golden, eager_fp32, fast_paths):
 @pytest.mark.parametrize("fast_paths, out_rel, grad_rel, dtype", [
     (FastPaths(autocast="bf16"), 0.02, 0.01, torch.bfloat16),
     (FastPaths(attention="sdpa", channels_last=True, autocast="bf16"), 0.02, 0.01, torch.bfloat16),
+    (FastPaths(attention="sdpa", channels_last=True, autocast="bf16", conv_gemm_max_pixels=ALL_MAPS),
+     0.02, 0.01, torch.bfloat16),
     (FastPaths(autocast="fp16"), 0.005, 0.005, torch.float16),
-], ids=["bf16", "sdpa+channels_last+bf16", "fp16"])
+], ids=["bf16", "sdpa+channels_last+bf16", "sdpa+channels_last+bf16+conv_gemm", "fp16"])
 def test_autocast_matches_eager_within_stated_tolerance(golden, eager_fp32, fast_paths, out_rel, grad_rel, dtype):
     out, grad = forward_backward(golden_unet(golden), golden_inputs(golden), fast_paths)
     assert out.dtype == dtype
