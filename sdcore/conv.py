@@ -64,9 +64,7 @@ def set_conv_gemm(model: nn.Module, max_pixels: int) -> int:
     """Set ``gemm_max_pixels`` on every ``Conv2d`` inside ``model``; returns how many were set."""
     if max_pixels < 0:
         raise ValueError(f"conv_gemm_max_pixels must be >= 0, got {max_pixels}")
-    switched = 0
-    for module in model.modules():
-        if isinstance(module, Conv2d):
-            module.gemm_max_pixels = max_pixels
-            switched += 1
-    return switched
+    convs = [module for module in model.modules() if isinstance(module, Conv2d)]
+    for conv in convs:
+        conv.gemm_max_pixels = max_pixels
+    return len(convs)

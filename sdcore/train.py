@@ -327,9 +327,11 @@ def _train(config, run_dir, env, preemption, cleanup, make_data_source, make_con
 
     unet = build_unet(config, plan).to(env.device)
     fast = FastPaths.from_config(config["train"]["fast_paths"], plan.precision)
-    unet = dataclasses.replace(fast, compile=False).apply(unet)
-    model = DistributedDataParallel(unet, device_ids=[env.device.index] if env.device.type == "cuda" else None) \
-        if env.is_distributed else unet
+    # The runnable may wrap the UNet (persistent weight casts); state_dict, the optimizer and the
+    # evaluator keep using the UNet itself, whose parameters it shares.
+    runnable = dataclasses.replace(fast, compile=False).apply(unet)
+    model = DistributedDataParallel(runnable, device_ids=[env.device.index] if env.device.type == "cuda" else None) \
+        if env.is_distributed else runnable
     if fast.compile:
         model = torch.compile(model)
     unet.train()
@@ -432,7 +434,7 @@ def _train(config, run_dir, env, preemption, cleanup, make_data_source, make_con
             loss_sum += loss.detach()
         scaler.step(optimizer)
         scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=fast.grads_set_to_none)
         lr = optimizer.param_groups[0]["lr"]
         # Stepped even when the scaler skipped the update (inf/NaN gradients), as Lightning does
         # in the reference (Lightning issues #5558, #18828): the warm-up counts optimizer calls.

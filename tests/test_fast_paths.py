@@ -7,6 +7,7 @@ within 0.5 % and 0.5 %; torch.compile (fp32, fused kernels) within 1e-4 absolute
 config because compiling the golden model's forward and backward takes over 20 minutes here.
 """
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,33 @@ def test_invalid_switches_are_rejected(kwargs):
 def test_invalid_precision_name_is_rejected():
     with pytest.raises(ValueError):
         FastPaths.from_config({}, "fp8")
+
+
+def test_persistent_weight_casts_equal_autocast_bitwise(golden):
+    """Same casts, same low-precision gradients: outputs and fp32 gradients are identical to
+    plain autocast, over two steps (the buffers are refilled after the weights change)."""
+    inputs = golden_inputs(golden)
+    plain, persistent = golden_unet(golden), golden_unet(golden)
+    paths = FastPaths(attention="sdpa", autocast="bf16", conv_gemm_max_pixels=ALL_MAPS)
+    runnable = {"plain": paths.apply(plain),
+                "persistent": dataclasses.replace(paths, persistent_weight_casts=True).apply(persistent)}
+    for step in range(2):
+        results = {}
+        for name, model in runnable.items():
+            with paths.autocast_context("cpu"):
+                out = model(*inputs)
+            out.float().square().mean().backward()
+            results[name] = out
+        torch.testing.assert_close(results["persistent"], results["plain"], atol=0, rtol=0)
+        for (name, p), q in zip(plain.named_parameters(), persistent.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, atol=0, rtol=0, msg=f"step {step}: {name}")
+            assert q.grad.dtype == torch.float32
+        with torch.no_grad():
+            for p, q in zip(plain.parameters(), persistent.parameters()):
+                p -= 0.1 * p.grad
+                q -= 0.1 * q.grad
+        plain.zero_grad(set_to_none=True)
+        persistent.zero_grad(set_to_none=False)
+    assert runnable["persistent"].cast_names and all("norm" not in n for n in runnable["persistent"].cast_names)
+    with pytest.raises(ValueError, match="needs autocast"):
+        FastPaths(persistent_weight_casts=True)

@@ -70,12 +70,8 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path):
     logs = launch(two, tmp_path / "two", 2, tmp_path)
     assert "rank 0 of 2" in logs[0] and "launcher slurm" in logs[0] and "rank 1 of 2" in logs[1]
 
-    def loss_curve(run):
-        with open(tmp_path / run / "loss.csv") as f:
-            return [float(r["loss"]) for r in csv.DictReader(f)]
-
-    assert len(loss_curve("one")) == steps
-    assert loss_curve("two") == pytest.approx(loss_curve("one"), rel=1e-5)
+    assert len(loss_curve(tmp_path / "one")) == steps
+    assert loss_curve(tmp_path / "two") == pytest.approx(loss_curve(tmp_path / "one"), rel=1e-5)
     final = f"checkpoints/step_{steps:08d}.pt"
     w1 = torch.load(tmp_path / "one" / final, weights_only=True)["unet"]
     w2 = torch.load(tmp_path / "two" / final, weights_only=True)["unet"]
@@ -83,3 +79,29 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path):
     for run in ("one", "two"):
         summary = json.loads((tmp_path / run / "summary.json").read_text())
         assert summary["global_batch_size"] == 8 and summary["samples_seen"] == steps * 8
+
+
+def loss_curve(run_dir) -> list[float]:
+    with open(run_dir / "loss.csv") as f:
+        return [float(r["loss"]) for r in csv.DictReader(f)]
+
+
+@pytest.mark.slow
+def test_persistent_weight_casts_under_ddp_equal_plain_autocast(tmp_path):
+    """bf16 training on 2 DDP ranks with persistent weight casts gives bitwise the losses and
+    weights of plain bf16 autocast: the wrapper keeps DDP's gradient hooks and the same values."""
+    steps = 4
+    common = dict(batch_size=2, precision="bf16", checkpoint_every_samples=4 * steps, max_samples=4 * steps)
+    plain = tiny_config(str(tmp_path), **common)
+    persistent = tiny_config(str(tmp_path), **common)
+    persistent["train"]["fast_paths"]["persistent_weight_casts"] = True
+    launch(plain, tmp_path / "plain", 2, tmp_path)
+    launch(persistent, tmp_path / "persistent", 2, tmp_path)
+    assert len(loss_curve(tmp_path / "plain")) == steps
+    assert loss_curve(tmp_path / "persistent") == loss_curve(tmp_path / "plain")
+    final = f"checkpoints/step_{steps:08d}.pt"
+    w_plain = torch.load(tmp_path / "plain" / final, weights_only=True)["unet"]
+    w_persistent = torch.load(tmp_path / "persistent" / final, weights_only=True)["unet"]
+    assert w_persistent.keys() == w_plain.keys()
+    for name in w_plain:
+        assert torch.equal(w_persistent[name], w_plain[name]), name

@@ -39,7 +39,8 @@ def tiny_config(root: str, **train_overrides) -> dict:
         "optimizer": {"betas": [0.9, 0.999], "eps": 1.0e-8, "weight_decay": 0.01},
         "warmup_steps": 5, "warmup_start_factor": 1.0e-6, "shuffle_buffer": 16,
         "checkpoint_every_samples": 24, "max_samples": 48, "num_workers": 0,
-        "fast_paths": {"attention": "math", "channels_last": False, "compile": False, "conv_gemm_max_pixels": 0},
+        "fast_paths": {"attention": "math", "channels_last": False, "compile": False, "conv_gemm_max_pixels": 0,
+                       "persistent_weight_casts": False},
     }
     train.update(train_overrides)
     return {
