@@ -95,10 +95,14 @@ def init_distributed(device: str = "auto") -> DistEnv:
         torch.cuda.set_device(torch_device)
     else:
         torch_device = torch.device("cpu")
-    if env["LAUNCHER"] == "slurm" and "OMP_NUM_THREADS" not in os.environ:
-        # torchrun gives each of several ranks one thread; srun gives nothing, so use the task's CPUs
-        # (oversubscribed CPU threads slow a step down many times over).
-        torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK", "1")))
+    threads = os.environ.get("OMP_NUM_THREADS") or (
+        os.environ.get("SLURM_CPUS_PER_TASK", "1") if env["LAUNCHER"] == "slurm" else None)
+    if threads:
+        # The rank's CPU threads: OMP_NUM_THREADS (set per rank by torchrun and by the launch
+        # commands of config.yaml and profiles/slurm), else the SLURM task's CPUs. Set explicitly
+        # because Snakemake also exports MKL_NUM_THREADS as the whole job's thread count, which
+        # torch would take: oversubscribed CPU threads slow a step down tenfold.
+        torch.set_num_threads(int(threads))
     if world_size > 1 and not dist.is_initialized():
         os.environ["MASTER_ADDR"] = env["MASTER_ADDR"]
         os.environ["MASTER_PORT"] = env["MASTER_PORT"]

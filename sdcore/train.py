@@ -299,8 +299,8 @@ def main(
     tests replace them with small deterministic ones.
     """
     env = init_distributed(device)
-    log.info("rank %d of %d (local rank %d, launcher %s, host %s, device %s)", env.rank, env.world_size,
-             env.local_rank, env.launcher, socket.gethostname(), env.device)
+    log.info("rank %d of %d (local rank %d, launcher %s, host %s, device %s, %d CPU threads)", env.rank,
+             env.world_size, env.local_rank, env.launcher, socket.gethostname(), env.device, torch.get_num_threads())
     with ExitStack() as cleanup:
         cleanup.callback(shutdown, env)
         preemption = PreemptionFlag()

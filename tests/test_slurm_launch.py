@@ -97,4 +97,4 @@ def test_ci_cluster_runs_two_cpu_ranks(tmp_path):
 def test_local_demo_keeps_torchrun(tmp_path):
     resources, _, shell = dry_run_train_job(tmp_path, "profiles/demo")
     assert "mpi" not in resources
-    assert shell.startswith("torchrun --standalone --nproc-per-node 2 workflow_scripts/train.py ")
+    assert shell.startswith("env OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 2 workflow_scripts/train.py ")
