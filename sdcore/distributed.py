@@ -95,13 +95,14 @@ def init_distributed(device: str = "auto") -> DistEnv:
         torch.cuda.set_device(torch_device)
     else:
         torch_device = torch.device("cpu")
-    threads = os.environ.get("OMP_NUM_THREADS") or (
-        os.environ.get("SLURM_CPUS_PER_TASK", "1") if env["LAUNCHER"] == "slurm" else None)
+    # The rank's CPU threads: the SLURM task's CPUs, else OMP_NUM_THREADS (set per rank by torchrun
+    # and by config.yaml's launch command). Set explicitly because Snakemake exports the whole
+    # job's thread count as OMP_NUM_THREADS and MKL_NUM_THREADS, which reach the ranks (srun's
+    # --export does not override them) and which torch would take: oversubscribed CPU threads
+    # slow a step down tenfold.
+    slurm_cpus = os.environ.get("SLURM_CPUS_PER_TASK") if env["LAUNCHER"] == "slurm" else None
+    threads = slurm_cpus or os.environ.get("OMP_NUM_THREADS")
     if threads:
-        # The rank's CPU threads: OMP_NUM_THREADS (set per rank by torchrun and by the launch
-        # commands of config.yaml and profiles/slurm), else the SLURM task's CPUs. Set explicitly
-        # because Snakemake also exports MKL_NUM_THREADS as the whole job's thread count, which
-        # torch would take: oversubscribed CPU threads slow a step down tenfold.
         torch.set_num_threads(int(threads))
     if world_size > 1 and not dist.is_initialized():
         os.environ["MASTER_ADDR"] = env["MASTER_ADDR"]

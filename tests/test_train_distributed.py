@@ -36,7 +36,9 @@ def launch(config, run_dir, world_size, tmp_path):
     for rank in range(world_size):
         env = dict(os.environ, PYTHONPATH=TESTS_DIR, SLURM_PROCID=str(rank), SLURM_NTASKS=str(world_size),
                    SLURM_LOCALID=str(rank), SLURM_JOB_NODELIST="localhost", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=port, SLURM_JOB_ID="1")
+                   MASTER_PORT=port, SLURM_JOB_ID="1", SLURM_CPUS_PER_TASK="1",
+                   # what Snakemake exports to a 2-thread job: each rank must still take 1 thread
+                   OMP_NUM_THREADS="2", MKL_NUM_THREADS="2")
         for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
             env.pop(name, None)
         procs.append(subprocess.Popen(
@@ -69,6 +71,7 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path):
     assert code == 0
     logs = launch(two, tmp_path / "two", 2, tmp_path)
     assert "rank 0 of 2" in logs[0] and "launcher slurm" in logs[0] and "rank 1 of 2" in logs[1]
+    assert all("device cpu, 1 CPU threads)" in log for log in logs), logs
 
     assert len(loss_curve(tmp_path / "one")) == steps
     assert loss_curve(tmp_path / "two") == pytest.approx(loss_curve(tmp_path / "one"), rel=1e-5)
