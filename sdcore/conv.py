@@ -62,8 +62,6 @@ class Conv2d(nn.Conv2d):
 
 def set_conv_gemm(model: nn.Module, max_pixels: int) -> int:
     """Set ``gemm_max_pixels`` on every ``Conv2d`` inside ``model``; returns how many were set."""
-    if max_pixels < 0:
-        raise ValueError(f"conv_gemm_max_pixels must be >= 0, got {max_pixels}")
     convs = [module for module in model.modules() if isinstance(module, Conv2d)]
     for conv in convs:
         conv.gemm_max_pixels = max_pixels

@@ -113,9 +113,10 @@ class PersistentWeightCasts(nn.Module):
         super().__init__()
         self.module = module
         self.dtype = dtype
-        self.cast_names = [f"{prefix}.{name}" if prefix else name
-                           for prefix, sub in module.named_modules() if isinstance(sub, (nn.Linear, nn.Conv2d))
-                           for name, _ in sub.named_parameters(recurse=False)]
+        # Parameter objects stay the same through .to(), load_state_dict and optimizer steps.
+        self.cast_params = {f"{prefix}.{name}" if prefix else name: param
+                            for prefix, sub in module.named_modules() if isinstance(sub, (nn.Linear, nn.Conv2d))
+                            for name, param in sub.named_parameters(recurse=False)}
         self._buffers_of: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _buffers_for(self, name: str, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,10 +127,8 @@ class PersistentWeightCasts(nn.Module):
         return buffers
 
     def forward(self, *args, **kwargs):
-        params = dict(self.module.named_parameters())
         casts = {}
-        for name in self.cast_names:
-            param = params[name]
+        for name, param in self.cast_params.items():
             if torch.is_grad_enabled() and param.requires_grad and param.grad is None:
                 param.grad = torch.zeros_like(param)
             casts[name] = _CastInto.apply(param, *self._buffers_for(name, param))

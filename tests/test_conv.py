@@ -63,8 +63,6 @@ def test_threshold_and_eligibility(monkeypatch):
     set_conv_gemm(same, 0)
     same(torch.randn(1, 8, 4, 4))
     assert len(calls) == 1
-    with pytest.raises(ValueError, match="conv_gemm_max_pixels"):
-        FastPaths(conv_gemm_max_pixels=-1)
 
 
 def test_unet_routes_its_small_maps_through_gemm(monkeypatch):
