@@ -1,17 +1,16 @@
 """Shared builders for the sdcore.prep tests: a tiny random VAE checkpoint and its config."""
 
+import reference
 import torch
 import yaml
 
 from sdcore.autoencoder import AutoencoderKL
 
-GOLDEN_VAE = "/work/shared/reference/golden/vae.pt"
-
 
 def tiny_vae_checkpoint(root, seed=0):
     """Write an SD-style checkpoint {"state_dict": {"first_stage_model.*": ...}} holding a VAE with the golden
     ddconfig (ch 32) and random weights, plus a workflow-config YAML naming it. Returns (vae, ckpt, config)."""
-    golden = torch.load(GOLDEN_VAE, weights_only=True)
+    golden = reference.golden("vae")
     params = {"embed_dim": golden["embed_dim"], "ddconfig": golden["ddconfig"]}
     torch.manual_seed(seed)
     vae = AutoencoderKL(params["ddconfig"], params["embed_dim"]).eval()

@@ -1,23 +1,19 @@
 """AutoencoderKL against the reference's golden outputs and the SD2 checkpoint's tensor names."""
 
-import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
 
 from sdcore.autoencoder import AutoencoderKL, sample_from_moments
 
-REFERENCE = Path(os.environ.get("SDCORE_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference"))
 SD2_VAE_DDCONFIG = dict(double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3, ch=128,
                         ch_mult=[1, 2, 4, 4], num_res_blocks=2, attn_resolutions=[], dropout=0.0)
 
 
 @pytest.fixture(scope="module")
-def golden():
+def golden(reference):
     torch.set_num_threads(1)
-    data = torch.load(REFERENCE / "golden" / "vae.pt", weights_only=True)
+    data = reference.golden("vae")
     vae = AutoencoderKL(data["ddconfig"], data["embed_dim"])
     vae.load_state_dict(data["state_dict"], strict=True)
     return vae.eval(), data
@@ -39,8 +35,8 @@ def test_decode_matches_reference(golden):
     torch.testing.assert_close(from_scaled, data["decoded"], atol=1e-5, rtol=0)
 
 
-def test_full_size_vae_has_the_checkpoint_names_and_shapes():
-    tensors = json.loads((REFERENCE / "sd2_512_base_tensors.json").read_text())["tensors"]
+def test_full_size_vae_has_the_checkpoint_names_and_shapes(reference):
+    tensors = reference.sd2_tensors()["tensors"]
     prefix = "first_stage_model."
     expected = {name[len(prefix):]: shape for name, shape in tensors.items() if name.startswith(prefix)}
     with torch.device("meta"):

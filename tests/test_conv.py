@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import sdcore.conv
 from sdcore.conv import Conv2d, conv2d_gemm, set_conv_gemm

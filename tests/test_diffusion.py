@@ -1,7 +1,5 @@
 """Schedule, noising, v-target, loss and the guided DDIM sampler against the reference's golden data."""
 
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -9,13 +7,12 @@ import torch
 from sdcore.diffusion import LinearSchedule, ddim_sample, ddim_timesteps, v_loss
 from sdcore.unet import UNetModel
 
-REFERENCE = Path(os.environ.get("SDCORE_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference"))
 
 
 @pytest.fixture(scope="module")
-def golden():
+def golden(reference):
     torch.set_num_threads(1)
-    return torch.load(REFERENCE / "golden" / "diffusion.pt", weights_only=True)
+    return reference.golden("diffusion")
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +53,8 @@ def test_ddim_timesteps_are_the_reference_uniform_steps(golden):
     assert steps[0].item() == 1 and steps[-1].item() == 981
 
 
-def test_guided_ddim_trajectory_matches_reference(golden, schedule):
-    unet_golden = torch.load(REFERENCE / "golden" / "unet.pt", weights_only=True)
+def test_guided_ddim_trajectory_matches_reference(reference, golden, schedule):
+    unet_golden = reference.golden("unet")
     unet = UNetModel(**unet_golden["config"])
     unet.load_state_dict(unet_golden["state_dict"], strict=True)
     unet.eval()

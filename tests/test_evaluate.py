@@ -15,16 +15,22 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
+from reference import golden
 from scipy import linalg
 from torchvision.transforms import ToPILImage
 
 import sdcore.text_encoder  # noqa: F401  registers sdcore-tiny-clip
-from sdcore.evaluate import (Evaluator, PromptScores, initial_latents, load_unet_checkpoint,
-                             rank_block, to_uint8_images)
+from sdcore.evaluate import (
+    Evaluator,
+    PromptScores,
+    initial_latents,
+    load_unet_checkpoint,
+    rank_block,
+    to_uint8_images,
+)
 from sdcore.prep.demo_mirror import inception_state
 from sdcore.text_encoder import FrozenOpenCLIPText
 
-GOLDEN = Path("/work/shared/reference/golden")
 REPO = Path(__file__).resolve().parents[1]
 CLIP_ARCH = "sdcore-tiny-clip"
 NUM_PROMPTS = 5  # odd, so two ranks get 3 and 2 prompts
@@ -44,8 +50,8 @@ EXACT_FID_RTOL = 1e-6
 
 
 def _config(root: Path) -> dict:
-    unet_golden = torch.load(GOLDEN / "unet.pt", weights_only=True)
-    vae_golden = torch.load(GOLDEN / "vae.pt", weights_only=True)
+    unet_golden = golden("unet")
+    vae_golden = golden("vae")
     return {
         "paths": {"data": str(root / "data"), "checkpoints": str(root / "checkpoints"), "results": str(root / "results")},
         "checkpoints": {"sd": {"file": "tiny.ckpt"}, "inception": {"file": "inception.pth"},
@@ -81,7 +87,7 @@ def setup(tmp_path_factory):
         (root / "checkpoints" / part).mkdir(parents=True)
     torch.manual_seed(0)
     text_encoder = FrozenOpenCLIPText(CLIP_ARCH)
-    vae_state = torch.load(GOLDEN / "vae.pt", weights_only=True)["state_dict"]
+    vae_state = golden("vae")["state_dict"]
     sd_state = {f"first_stage_model.{k}": v for k, v in vae_state.items()}
     sd_state.update({f"cond_stage_model.{k}": v for k, v in text_encoder.state_dict().items()})
     torch.save({"state_dict": sd_state}, root / "checkpoints" / "sd" / "tiny.ckpt")
@@ -89,7 +95,7 @@ def setup(tmp_path_factory):
     calibration = (torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
     torch.save(inception_state(calibration, seed=0), root / "checkpoints" / "inception" / "inception.pth")
 
-    unet_state = torch.load(GOLDEN / "unet.pt", weights_only=True)["state_dict"]
+    unet_state = golden("unet")["state_dict"]
     checkpoint = root / "step_00000003.pt"
     torch.save({"unet": unet_state, "step": 3, "samples_seen": 24}, checkpoint)
     config_path = root / "config.yaml"

@@ -8,7 +8,6 @@ config because compiling the golden model's forward and backward takes over 20 m
 """
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,12 +15,11 @@ import torch
 from sdcore.precision import FastPaths
 from sdcore.unet import UNetModel
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "reference" / "golden" / "unet.pt"
 
 
 @pytest.fixture(scope="module")
-def golden():
-    return torch.load(GOLDEN, weights_only=True)
+def golden(reference):
+    return reference.golden("unet")
 
 
 def golden_unet(golden) -> UNetModel:

@@ -1,7 +1,5 @@
 """Fréchet distance against the reference, CLIP score semantics, and the safely loaded Inception extractor."""
 
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,11 +9,10 @@ import torchvision
 from sdcore.checkpoint import CheckpointError
 from sdcore.metrics import clip_score, frechet_distance, gaussian_stats, inception_features, load_inception
 
-REFERENCE = Path(os.environ.get("SDCORE_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference"))
 
 
-def test_frechet_distance_matches_reference():
-    data = torch.load(REFERENCE / "golden" / "frechet.pt", weights_only=True)
+def test_frechet_distance_matches_reference(reference):
+    data = reference.golden("frechet")
     mu_a, sigma_a = gaussian_stats(data["features_a"].numpy())
     mu_b, sigma_b = gaussian_stats(data["features_b"].numpy())
     assert sigma_a.dtype == np.float64 and sigma_a.shape == (64, 64)

@@ -1,9 +1,6 @@
 """OpenCLIP text encoder (penultimate + ln_final) against golden outputs and the SD2 checkpoint names."""
 
-import json
-import os
 import socket
-from pathlib import Path
 
 import open_clip
 import pytest
@@ -11,13 +8,12 @@ import torch
 
 from sdcore.text_encoder import FrozenOpenCLIPText
 
-REFERENCE = Path(os.environ.get("SDCORE_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference"))
 
 
 @pytest.fixture(scope="module")
-def golden():
+def golden(reference):
     torch.set_num_threads(1)
-    data = torch.load(REFERENCE / "golden" / "text_encoder.pt", weights_only=True)
+    data = reference.golden("text_encoder")
     encoder = FrozenOpenCLIPText.from_clip_config(data["open_clip_config"])
     encoder.model.load_state_dict(data["state_dict"], strict=True)
     return encoder, data
@@ -36,8 +32,8 @@ def test_penultimate_output_matches_reference(golden):
     torch.testing.assert_close(encoder.encode(data["prompts"]), data["penultimate"], atol=1e-5, rtol=0)
 
 
-def test_full_size_text_encoder_has_the_checkpoint_names_and_shapes():
-    tensors = json.loads((REFERENCE / "sd2_512_base_tensors.json").read_text())["tensors"]
+def test_full_size_text_encoder_has_the_checkpoint_names_and_shapes(reference):
+    tensors = reference.sd2_tensors()["tensors"]
     prefix = "cond_stage_model."
     expected = {name[len(prefix):]: shape for name, shape in tensors.items() if name.startswith(prefix)}
     with torch.device("meta"):

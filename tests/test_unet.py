@@ -1,8 +1,6 @@
 """The UNet against the MLPerf reference: golden output, full-size names/shapes, init, options."""
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +8,6 @@ import torch
 from sdcore.attention import SpatialTransformer, set_attention_backend
 from sdcore.unet import ResBlock, UNetModel, timestep_embedding
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 UNET_PREFIX = "model.diffusion_model."
 
 # unet_config.params of the MLPerf reference yaml (configs/train_*.yaml), verbatim.
@@ -23,8 +20,8 @@ SD2_UNET_PARAMS = {
 
 
 @pytest.fixture(scope="module")
-def golden():
-    return torch.load(REFERENCE / "golden" / "unet.pt", weights_only=True)
+def golden(reference):
+    return reference.golden("unet")
 
 
 def golden_model(golden, **overrides) -> UNetModel:
@@ -47,8 +44,8 @@ def test_state_dict_names_in_reference_order(golden):
     assert list(UNetModel(**golden["config"]).state_dict()) == list(golden["state_dict"])
 
 
-def test_full_size_matches_checkpoint_names_shapes_and_count():
-    tensors = json.loads((REFERENCE / "sd2_512_base_tensors.json").read_text())["tensors"]
+def test_full_size_matches_checkpoint_names_shapes_and_count(reference):
+    tensors = reference.sd2_tensors()["tensors"]
     expected = {name[len(UNET_PREFIX):]: list(shape) for name, shape in tensors.items()
                 if name.startswith(UNET_PREFIX)}
     with torch.device("meta"):
