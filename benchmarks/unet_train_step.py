@@ -1,37 +1,49 @@
 """Benchmark (not a test): full-size SD2 UNet training step, sdcore vs diffusers, on this machine.
 
-Times forward + backward (MSE to a fixed target, gradients of every parameter) at the MLPerf
-UNet size for:
-  * sdcore UNetModel, faithful fp32 eager and bf16 autocast;
-  * sdcore sdpa attention + channels-last + bf16 autocast (and torch.compile on top with
-    --compile);
-  * sdcore's fastest faithful path: sdpa attention + bf16 autocast + convolutions on maps of at
-    most 64 pixels as GEMMs + persistent weight casts (sdcore.conv, sdcore.precision);
-  * diffusers' UNet2DConditionModel built at the SD2 architecture, fp32 and bf16 autocast
-    (and bf16 + channels-last, so the memory-format gain is not credited to sdcore alone).
-    diffusers cannot build the MLPerf 16-group GroupNorm of the residual blocks: it is built
-    with 32 groups (same parameter count, same FLOPs to within a rounding).
+Times forward + backward (MSE to a fixed target, gradients of every parameter; the optimizer step,
+the same for both implementations, is not timed) at the MLPerf UNet size, batch 4 at a 32x32 latent
+by default, for these contenders:
 
-Prints samples/s, FLOPs per sample (matmul/conv/attention FLOPs counted by
-torch.utils.flop_counter during the fp32 warm-up; the shares of both models use sdcore's count,
-since diffusers' attention runs the CPU flash kernel, which the counter does not know), and the share of the bf16 matmul peak measured
-in this run (a large bf16 matmul), plus forward / backward seconds per sample at a 64x64
-latent, batch 1. Needs the `bench` extra: pip install diffusers.
+  * sdcore, faithful fp32 eager (math attention: the reference's fp32 softmax);
+  * sdcore fp32 with sdpa attention;
+  * sdcore fp32 with the fast paths that ``sdcore.precision.recommend_fast_paths`` picks for this
+    CPU (its choice is printed);
+  * diffusers' UNet2DConditionModel at the SD2 architecture, fp32 (and fp32 + channels-last, so a
+    memory-format gain is not credited to sdcore alone). diffusers cannot build the MLPerf 16-group
+    GroupNorm of the residual blocks: it is built with 32 groups (same parameters, same FLOPs);
+  * only where bf16 matmul is faster than fp32 here (AMX): sdcore bf16 autocast, sdcore's fastest
+    bf16 path (the recommended one: sdpa + conv GEMMs on small maps + persistent weight casts) and
+    diffusers bf16 autocast. On a CPU without fast bf16 they are skipped, and said so.
 
-    python benchmarks/unet_train_step.py [--steps 3] [--warmup 1] [--compile] [--no-diffusers]
+The contenders alternate within each repetition, in one process; each figure is the best
+(minimum) step time over the repetitions, so a burst of load from other processes costs a
+repetition, not the result. Gradients are freed after every contender's steps (and persistent-cast
+buffers dropped), so the models of all contenders fit in memory together (24 GB). FLOPs per sample
+are counted once (torch.utils.flop_counter, sdcore fp32 with math attention) and the share of the
+measured matmul peak of each contender's precision is printed.
+
+    python benchmarks/unet_train_step.py [--repeats 3] [--steps 1] [--no-diffusers] [--profile NAME]
+
+``--profile NAME`` runs one step of the contender whose name contains NAME under torch.profiler
+and prints the operators by self time (what the optimisation of the sdcore paths was based on).
+Needs the `bench` extra: pip install diffusers.
 """
 
+from __future__ import annotations
+
 import argparse
-import contextlib
 import dataclasses
 import gc
-import os
 import time
+from dataclasses import dataclass
+from typing import Callable
+
+from machine import MachineInfo  # benchmarks/machine.py; also puts the repository on sys.path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from sdcore.precision import FastPaths
+from sdcore.precision import FastPaths, recommend_fast_paths
 from sdcore.unet import UNetModel
 
 SD2_UNET_PARAMS = {
@@ -41,6 +53,8 @@ SD2_UNET_PARAMS = {
     "use_linear_in_transformer": True, "transformer_depth": 1, "context_dim": 1024, "legacy": False,
 }
 CONTEXT_LEN, CONTEXT_DIM = 77, 1024
+GOAL_VS_DIFFUSERS_FP32 = 1.3
+GOAL_VS_DIFFUSERS_BF16 = 1.6
 
 
 def build_sdcore() -> torch.nn.Module:
@@ -87,144 +101,178 @@ def train_step(model, fast_paths: FastPaths, x, t, context, target) -> None:
     torch.nn.functional.mse_loss(out.float(), target).backward()
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 4096, reps: int = 3) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    torch.mm(a, b)
-    start = time.perf_counter()
-    for _ in range(reps):
-        torch.mm(a, b)
-    return 2 * n ** 3 * reps / (time.perf_counter() - start)
+@dataclass
+class Contender:
+    name: str
+    family: str                 # "sdcore" | "diffusers"
+    fast_paths: FastPaths
+    model: Callable[[], torch.nn.Module]  # the shared module of its family
+    best: float = float("inf")  # seconds per step
+    runnable: torch.nn.Module | None = None
+
+    @property
+    def precision(self) -> str:
+        return self.fast_paths.autocast or "fp32"
+
+    def prepare(self) -> torch.nn.Module:
+        """Set this contender's kernels and memory format on the shared module (not timed)."""
+        module = self.model()
+        module.to(memory_format=torch.channels_last if self.fast_paths.channels_last else torch.contiguous_format)
+        if self.family == "sdcore":
+            self.runnable = dataclasses.replace(self.fast_paths, channels_last=False).apply(module)
+        else:
+            self.runnable = module
+        return self.runnable
+
+    def step(self, data) -> None:
+        self.runnable.zero_grad(set_to_none=self.fast_paths.grads_set_to_none)
+        train_step(self.runnable, self.fast_paths, *data)
+
+    def release(self) -> None:
+        """Free the gradients (and persistent-cast buffers) so the next contender has the memory."""
+        self.model().zero_grad(set_to_none=True)
+        self.runnable = None
+        gc.collect()
 
 
-def time_train_steps(model, fast_paths: FastPaths, batch: int, latent: int, warmup: int, steps: int,
-                     flop_counter: FlopCounterMode | None = None) -> float:
-    """Seconds per training step (mean over `steps` after `warmup`); the warm-up steps run
-    inside `flop_counter` when one is given."""
+def step_data(contender: Contender, batch: int, latent: int):
     data = inputs(batch, latent)
-    if fast_paths.channels_last:
+    if contender.fast_paths.channels_last:
         data[0] = data[0].contiguous(memory_format=torch.channels_last)
+    return data
 
-    def step():
-        model.zero_grad(set_to_none=fast_paths.grads_set_to_none)
-        train_step(model, fast_paths, *data)
 
-    with flop_counter if flop_counter is not None else contextlib.nullcontext():
-        for _ in range(warmup):
-            step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    elapsed = (time.perf_counter() - start) / steps
+def count_flops(model, batch: int, latent: int) -> float:
+    """Training FLOPs per sample (forward + backward) of a fp32 eager step."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        train_step(model, FastPaths(), *inputs(batch, latent))
     model.zero_grad(set_to_none=True)
-    return elapsed
+    return counter.get_total_flops() / batch
 
 
-def time_forward_backward(model, fast_paths: FastPaths, latent: int, warmup: int, steps: int):
-    """Seconds per sample of forward and of backward at batch 1."""
-    x, t, context, target = inputs(1, latent)
-    if fast_paths.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    fwd = bwd = 0.0
-    for i in range(warmup + steps):
-        model.zero_grad(set_to_none=fast_paths.grads_set_to_none)
-        start = time.perf_counter()
-        with fast_paths.autocast_context("cpu"):
-            out = model(x, t, context)
-        loss = torch.nn.functional.mse_loss(out.float(), target)
-        mid = time.perf_counter()
-        loss.backward()
-        end = time.perf_counter()
-        if i >= warmup:
-            fwd += mid - start
-            bwd += end - mid
-    model.zero_grad(set_to_none=True)
-    return fwd / steps, bwd / steps
+def profile(contender: Contender, batch: int, latent: int, rows: int = 30) -> None:
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    contender.prepare()
+    data = step_data(contender, batch, latent)
+    contender.step(data)  # warm-up
+    with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        contender.step(data)
+    print(f"\nprofile of one step, {contender.name}:")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+    print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=rows))
+    contender.release()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--latent", type=int, default=32)
-    parser.add_argument("--big-latent", type=int, default=64, help="latent size of the fwd/bwd per-sample timing")
-    parser.add_argument("--warmup", type=int, default=1, help="at least 1 (FLOPs are counted there)")
-    parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--big-warmup", type=int, default=0,
-                        help="warm-up passes at the big latent (one-time costs are small beside a pass there)")
-    parser.add_argument("--big-steps", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--compile", action="store_true", help="also time the fastest path under torch.compile")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating repetitions; the best is kept")
+    parser.add_argument("--steps", type=int, default=1, help="timed steps per contender and repetition")
+    parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-diffusers", action="store_true")
+    parser.add_argument("--only", nargs="+", help="run only the contenders whose names contain one of these")
+    parser.add_argument("--profile", help="profile one step of the contender whose name contains this, then exit")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    machine = MachineInfo.measure()
+    machine.print()
+    recommended = recommend_fast_paths("fp32", fp32_gflops=machine.fp32_gflops, bf16_gflops=machine.bf16_gflops)
+    print(f"recommend_fast_paths('fp32') on this CPU: {recommended}")
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
-    peak_bf16 = matmul_peak(torch.bfloat16)
-    peak_fp32 = matmul_peak(torch.float32)
-    print(f"measured matmul peak (4096^3): bf16 {peak_bf16 / 1e9:.1f} GFLOP/s, fp32 {peak_fp32 / 1e9:.1f} GFLOP/s")
+    models: dict[str, torch.nn.Module] = {}
 
-    fp32 = FastPaths()
-    bf16 = FastPaths(autocast="bf16")
-    sdpa_cl = FastPaths(attention="sdpa", channels_last=True, autocast="bf16")
-    fastest = FastPaths(attention="sdpa", autocast="bf16", conv_gemm_max_pixels=64, persistent_weight_casts=True)
-    fastest_name = "sdcore sdpa + bf16 + conv_gemm<=64 + persistent casts"
-    rows, flops = [], {}
+    def shared(family: str) -> Callable[[], torch.nn.Module]:
+        def get() -> torch.nn.Module:
+            if family not in models:
+                models[family] = build_sdcore() if family == "sdcore" else DiffusersAdapter(build_diffusers())
+            return models[family]
+        return get
 
-    def record(name, fast_paths, model, count_flops=False):
-        counter = FlopCounterMode(display=False) if count_flops else None
-        seconds = time_train_steps(model, fast_paths, args.batch, args.latent, args.warmup, args.steps, counter)
-        if counter is not None:
-            print(f"  training FLOPs per sample counted: "
-                  f"{counter.get_total_flops() / (args.batch * args.warmup) / 1e12:.3f} TFLOP")
-            flops.setdefault("sdcore", counter.get_total_flops() / (args.batch * args.warmup))
-        rate = args.batch / seconds
-        share = rate * flops["sdcore"] / peak_bf16
-        rows.append((name, rate, share))
-        print(f"  {name:<54s} {seconds:8.2f} s/step {rate:7.3f} samples/s {100 * share:5.1f}% of bf16 peak",
-              flush=True)
-
-    print(f"\ntraining step, batch {args.batch}, latent {args.latent}x{args.latent}, context "
-          f"({args.batch},{CONTEXT_LEN},{CONTEXT_DIM}), {args.warmup} warm-up + {args.steps} timed steps")
-    model = build_sdcore()
-    print(f"  sdcore parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M")
-    record("sdcore fp32 eager (math attention)", fp32, model, count_flops=True)
-    record("sdcore bf16 autocast (math attention)", bf16, model)
-    big = {}
-    for name, fast_paths in (("fp32", fp32), ("bf16", bf16)):
-        big[name] = time_forward_backward(model, fast_paths, args.big_latent, args.big_warmup,
-                                          args.big_steps)
-    record("sdcore sdpa + channels_last + bf16", sdpa_cl, sdpa_cl.apply(model))
-    if args.compile:
-        compiled = dataclasses.replace(sdpa_cl, compile=True)
-        record("sdcore sdpa + channels_last + bf16 + compile", compiled, compiled.apply(model))
-    model = model.to(memory_format=torch.contiguous_format)
-    runnable = fastest.apply(model)
-    record(fastest_name, fastest, runnable)
-    big["sdpa+bf16+conv_gemm<=64+persistent casts"] = time_forward_backward(
-        runnable, fastest, args.big_latent, args.big_warmup, args.big_steps)
-    del model, runnable
-    gc.collect()
-
+    sdcore, diffusers = shared("sdcore"), shared("diffusers")
+    contenders = [
+        Contender("sdcore fp32 eager (math attention)", "sdcore", FastPaths(), sdcore),
+        Contender("sdcore fp32 sdpa", "sdcore", FastPaths(attention="sdpa"), sdcore),
+        Contender(f"sdcore fp32 recommended ({describe(recommended)})", "sdcore", recommended, sdcore),
+    ]
     if not args.no_diffusers:
-        model = DiffusersAdapter(build_diffusers())
-        print(f"  diffusers parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
-              f"(GroupNorm 32 everywhere)")
-        record("diffusers fp32", fp32, model, count_flops=True)
-        record("diffusers bf16 autocast", bf16, model)
-        diffusers_cl = FastPaths(channels_last=True, autocast="bf16")
-        record("diffusers bf16 autocast + channels_last", diffusers_cl, diffusers_cl.apply(model))
-        del model
-        gc.collect()
-        rates = {name: rate for name, rate, _ in rows}
-        best_diffusers = max(rate for name, rate, _ in rows if name.startswith("diffusers"))
-        print(f"\nsdcore fastest faithful path / diffusers bf16: "
-              f"{rates[fastest_name] / rates['diffusers bf16 autocast']:.2f}x (goal >= 1.3x); "
-              f"/ diffusers' fastest row: {rates[fastest_name] / best_diffusers:.2f}x")
+        contenders += [Contender("diffusers fp32", "diffusers", FastPaths(), diffusers),
+                       Contender("diffusers fp32 + channels_last", "diffusers", FastPaths(channels_last=True),
+                                 diffusers)]
+    if machine.bf16_is_fast:
+        fastest_bf16 = recommend_fast_paths("bf16", fp32_gflops=machine.fp32_gflops, bf16_gflops=machine.bf16_gflops)
+        contenders += [Contender("sdcore bf16 autocast", "sdcore", FastPaths(autocast="bf16"), sdcore),
+                       Contender(f"sdcore bf16 recommended ({describe(fastest_bf16)})", "sdcore", fastest_bf16,
+                                 sdcore)]
+        if not args.no_diffusers:
+            contenders.append(Contender("diffusers bf16 autocast", "diffusers", FastPaths(autocast="bf16"), diffusers))
+    else:
+        print("bf16 contenders skipped: bf16 matmul is not faster than fp32 on this CPU "
+              f"({machine.bf16_gflops:.0f} vs {machine.fp32_gflops:.0f} GFLOP/s, AMX {'yes' if machine.amx else 'no'})")
+    if args.only:
+        contenders = [c for c in contenders if any(word in c.name for word in args.only)]
 
-    print(f"\nforward / backward seconds per sample, sdcore, latent {args.big_latent}x{args.big_latent}, batch 1:")
-    for name, (fwd, bwd) in big.items():
-        print(f"  {name:<40s} forward {fwd:7.2f} s  backward {bwd:7.2f} s")
+    if args.profile:
+        profile(next(c for c in contenders if args.profile in c.name), args.batch, args.latent)
+        return
+
+    print(f"\ntraining step (forward + backward), batch {args.batch}, latent {args.latent}x{args.latent}, "
+          f"context ({args.batch},{CONTEXT_LEN},{CONTEXT_DIM}); {args.repeats} alternating repetitions x "
+          f"{args.steps} step(s), best kept; 1 untimed warm-up step per contender")
+    flops = count_flops(sdcore(), args.batch, args.latent)
+    print(f"  sdcore parameters {sum(p.numel() for p in sdcore().parameters()) / 1e6:.2f} M, training FLOPs "
+          f"counted {flops / 1e12:.3f} TFLOP per sample")
+    for repeat in range(args.repeats):
+        for contender in contenders:
+            contender.prepare()
+            data = step_data(contender, args.batch, args.latent)
+            if repeat == 0 or contender.fast_paths.persistent_weight_casts:
+                contender.step(data)  # warm-up (persistent casts: refill the buffers dropped by release)
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                contender.step(data)
+            seconds = (time.perf_counter() - start) / args.steps
+            contender.best = min(contender.best, seconds)
+            contender.release()
+            print(f"  repetition {repeat + 1}: {contender.name:<60s} {seconds:7.2f} s/step", flush=True)
+
+    print(f"\n| contender | s/step | samples/s | % of {'/'.join(sorted({c.precision for c in contenders}))} "
+          f"matmul peak |")
+    print("| --- | --- | --- | --- |")
+    for c in contenders:
+        rate = args.batch / c.best
+        share = rate * flops / (machine.peak_gflops(c.precision) * 1e9)
+        print(f"| {c.name} | {c.best:.2f} | {rate:.3f} | {100 * share:.1f} % ({c.precision}) |")
+    rates = {c.name: args.batch / c.best for c in contenders}
+    sdcore_fp32 = max(r for n, r in rates.items() if n.startswith("sdcore fp32"))
+    if "diffusers fp32" in rates:
+        print(f"\nsdcore's fastest faithful fp32 path / diffusers fp32: {sdcore_fp32 / rates['diffusers fp32']:.2f}x "
+              f"(goal >= {GOAL_VS_DIFFUSERS_FP32}x); / diffusers' fastest fp32 row: "
+              f"{sdcore_fp32 / max(r for n, r in rates.items() if n.startswith('diffusers fp32')):.2f}x")
+    if "diffusers bf16 autocast" in rates:
+        best_sdcore = max(r for n, r in rates.items() if n.startswith("sdcore"))
+        print(f"sdcore's fastest path / diffusers bf16: {best_sdcore / rates['diffusers bf16 autocast']:.2f}x "
+              f"(goal >= {GOAL_VS_DIFFUSERS_BF16}x where bf16 is fast)")
+    elif not machine.bf16_is_fast:
+        print(f"goal >= {GOAL_VS_DIFFUSERS_BF16}x diffusers bf16: does not apply on this CPU (bf16 is slower than "
+              "fp32 here, so no bf16 step is the fast one)")
+
+
+def describe(fast_paths: FastPaths) -> str:
+    parts = [fast_paths.attention]
+    if fast_paths.channels_last:
+        parts.append("channels_last")
+    if fast_paths.autocast:
+        parts.append(fast_paths.autocast)
+    if fast_paths.conv_gemm_max_pixels:
+        parts.append(f"conv_gemm<={fast_paths.conv_gemm_max_pixels}")
+    if fast_paths.persistent_weight_casts:
+        parts.append("persistent casts")
+    return " + ".join(parts)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""LAION-400M training subset, one chain per metadata part (SPEC section 1):
-download -> licence filter -> image fetch (img2dataset) -> VAE moments (latent shards).
+"""LAION-400M training subset rebuilt from the metadata (data_source: rebuild), one chain per
+metadata part (SPEC section 1): download -> licence filter -> image fetch (img2dataset) -> VAE
+moments (latent shards), and the latent index of all parts that training reads.
 
 Every part's chain is known from the config alone, so a dry run shows all of it.
 """
@@ -9,11 +10,13 @@ LATENTS = config["laion"]["latents"]
 
 
 rule download_laion_metadata:
+    """One LAION-400M metadata part (parquet), verified by sha256 where the config pins one."""
     input:
         lambda wildcards: source_input(part_url(wildcards.part)),
     output:
         protected(f"{LAION}/metadata/{{part}}.parquet"),
     params:
+        script=script("download.py"),
         url=lambda wildcards: part_url(wildcards.part),
         checksums=lambda wildcards: checksum_flags(
             sha256=config["laion"]["metadata"]["sha256"].get(f"{wildcards.part}.parquet")
@@ -29,17 +32,19 @@ rule download_laion_metadata:
     conda:
         ENV
     shell:
-        "python workflow_scripts/download.py --url {params.url:q} --out {output} {params.checksums}"
+        "python {params.script} --url {params.url:q} --out {output} {params.checksums}"
         " --retries {params.retries} > {log} 2>&1"
 
 
 rule filter_laion_metadata:
+    """Licence filter of one part (the reference keeps LICENSE != '?'), with a per-licence report."""
     input:
         f"{LAION}/metadata/{{part}}.parquet",
     output:
         parquet=f"{LAION}/filtered/{{part}}.parquet",
         report=f"{LAION}/filtered/{{part}}.report.json",
     params:
+        script=script("filter_laion_metadata.py"),
         mode=config["laion"]["filter"]["mode"],
     log:
         f"{LOGS}/laion/filter/{{part}}.log",
@@ -51,15 +56,18 @@ rule filter_laion_metadata:
     conda:
         ENV
     shell:
-        "python workflow_scripts/filter_laion.py --in {input} --out {output.parquet}"
+        "python {params.script} --in {input} --out {output.parquet}"
         " --report {output.report} --mode {params.mode} > {log} 2>&1"
 
 
 rule summarize_filter:
+    """Rows in, rows kept and licences over all parts."""
     input:
         expand(f"{LAION}/filtered/{{part}}.report.json", part=PARTS),
     output:
-        f"{LAION}/filter_summary.json",
+        report(f"{LAION}/filter_summary.json", category="Data", caption="report/filter.rst"),
+    params:
+        script=script("summarize_filter.py"),
     log:
         f"{LOGS}/laion/filter_summary.log",
     benchmark:
@@ -70,7 +78,7 @@ rule summarize_filter:
     conda:
         ENV
     shell:
-        "python workflow_scripts/summarize_filter.py --reports {input} --out {output} > {log} 2>&1"
+        "python {params.script} --reports {input} --out {output} > {log} 2>&1"
 
 
 rule fetch_laion_images:
@@ -83,6 +91,7 @@ rule fetch_laion_images:
     output:
         f"{LAION}/images/{{part}}/manifest.json",
     params:
+        script=script("fetch_laion_images.py"),
         out_dir=lambda wildcards, output: os.path.dirname(output[0]),
         samples_per_shard=I2D["samples_per_shard"],
         min_success_rate=I2D["min_success_rate"],
@@ -99,7 +108,7 @@ rule fetch_laion_images:
     conda:
         ENV
     shell:
-        "python workflow_scripts/fetch_images.py --in {input} --out-dir {params.out_dir} --manifest {output}"
+        "python {params.script} --in {input} --out-dir {params.out_dir} --manifest {output}"
         " --processes {threads} --threads {resources.download_threads}"
         " --samples-per-shard {params.samples_per_shard} --min-success-rate {params.min_success_rate}"
         " --timeout {params.timeout} --retries {params.retries} > {log} 2>&1"
@@ -109,11 +118,12 @@ rule encode_laion_latents:
     """VAE moments of every stored image, one output shard per image shard, manifest last."""
     input:
         manifest=f"{LAION}/images/{{part}}/manifest.json",
-        checkpoint=checkpoint_file("sd"),
+        **verified_checkpoint("sd"),
         vae_config=f"{DATA}/config/vae.yaml",
     output:
         f"{LAION}/latents/{{part}}/manifest.json",
     params:
+        script=script("encode_laion_latents.py"),
         out_dir=lambda wildcards, output: os.path.dirname(output[0]),
         image_size=LATENTS["image_size"],
         batch_size=LATENTS["batch_size"],
@@ -129,7 +139,53 @@ rule encode_laion_latents:
     conda:
         ENV
     shell:
-        "python workflow_scripts/encode_latents.py --manifest {input.manifest} --out-dir {params.out_dir}"
-        " --out-manifest {output} --checkpoint {input.checkpoint} --config {input.vae_config}"
+        "python {params.script} --manifest {input.manifest} --out-dir {params.out_dir}"
+        " --out-manifest {output} --checkpoint {input.sd} --config {input.vae_config}"
         " --image-size {params.image_size} --batch-size {params.batch_size} --device {params.device}"
-        " {params.antialias} > {log} 2>&1"
+        " --workers {threads} {params.antialias} > {log} 2>&1"
+
+
+rule index_latents:
+    """The latent index of the rebuilt training set: every part's shards and the sample count."""
+    input:
+        expand(f"{LAION}/latents/{{part}}/manifest.json", part=PARTS),
+    output:
+        f"{LAION}/latents.json",
+    params:
+        script=script("index_latents.py"),
+    log:
+        f"{LOGS}/laion/latents_index.log",
+    benchmark:
+        f"{BENCH}/laion/latents_index.tsv"
+    threads: 1
+    resources:
+        mem_mb=500,
+    conda:
+        ENV
+    shell:
+        "python {params.script} --manifests {input} --out {output} > {log} 2>&1"
+
+
+rule summarize_laion:
+    """What the rebuild chain made of the LAION parts: rows kept by the licence filter, images fetched
+    and failed (by kind of error), moments encoded and skipped, per part and in all."""
+    input:
+        filtered=f"{LAION}/filter_summary.json",
+        images=expand(f"{LAION}/images/{{part}}/manifest.json", part=PARTS),
+        latents=expand(f"{LAION}/latents/{{part}}/manifest.json", part=PARTS),
+    output:
+        report(f"{LAION}/summary.txt", category="Data", caption="report/laion.rst"),
+    params:
+        script=script("summarize_laion.py"),
+    log:
+        f"{LOGS}/laion/summary.log",
+    benchmark:
+        f"{BENCH}/laion/summary.tsv"
+    threads: 1
+    resources:
+        mem_mb=500,
+    conda:
+        ENV
+    shell:
+        "python {params.script} --filter-summary {input.filtered} --images {input.images} --latents {input.latents}"
+        " --out {output} > {log} 2>&1"

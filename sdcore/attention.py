@@ -144,8 +144,9 @@ class SpatialTransformer(nn.Module):
     """GroupNorm(32, eps 1e-6) -> proj_in -> transformer blocks over H*W tokens -> proj_out, + input.
 
     With linear projections the (B, C, H, W) map is flattened to tokens (B, H*W, C) by a permute:
-    free for channels-last inputs. The result goes back as a permuted view (channels-last
-    strides) instead of the reference's extra ``.contiguous()`` copy; values are identical.
+    free for channels-last inputs. The result goes back in the input's memory format: for a
+    channels-last input as a permuted view (no copy), otherwise contiguous, as the reference's
+    ``.contiguous()``; values are identical either way.
     """
 
     def __init__(self, in_channels: int, n_heads: int, d_head: int, depth: int = 1,
@@ -191,6 +192,11 @@ class SpatialTransformer(nn.Module):
         if self.use_linear:
             tokens = self.proj_out(tokens)
         x = tokens.view(b, h, w, tokens.shape[-1]).permute(0, 3, 1, 2)
+        if not x_in.is_contiguous(memory_format=torch.channels_last):
+            # Back to the input's layout, as the reference's .contiguous(): a channels-last view added
+            # to a contiguous input would make the sum, and so every convolution after it, channels-last
+            # against contiguous weights, and oneDNN then re-lays each weight out on every call.
+            x = x.contiguous()
         if not self.use_linear:
             x = self.proj_out(x)
         return x + x_in

@@ -1,20 +1,26 @@
-"""Safe checkpoint loading: SD ``.ckpt`` / ``.pt`` / ``.safetensors`` to per-part, strictly checked modules.
+"""Checkpoint files: the SD2 checkpoint's frozen parts, and the UNet weights the trainer saves.
 
-Pickles are only ever opened with ``torch.load(weights_only=True)``, which refuses anything that would run code.
-Each model part (VAE ``first_stage_model.``, text encoder ``cond_stage_model.``, UNet ``model.diffusion_model.``)
-must match its module exactly; the error lists every missing, unexpected and mis-shaped name so a wrong
-checkpoint is diagnosed in one go.
+Pickles are only ever opened with ``torch.load(weights_only=True)``, which refuses anything that
+would run code. Each model part of an SD checkpoint (VAE ``first_stage_model.``, text encoder
+``cond_stage_model.``, UNet ``model.diffusion_model.``) must match its module exactly; the error
+lists every missing, unexpected and mis-shaped name, so a wrong checkpoint is diagnosed in one go.
+
+The UNet weights of training checkpoints are safetensors files (``save_unet``/``load_unet``) with
+the training position (step, samples, seed) in the file's metadata; any tool that reads
+safetensors reads them, and a truncated or corrupt file is an error naming it.
 """
 
+from __future__ import annotations
+
 import hashlib
+import json
 import pickle
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from sdcore.autoencoder import AutoencoderKL
-from sdcore.unet import UNetModel
+from sdcore.files import atomic_path
 
 VAE_PREFIX = "first_stage_model."
 TEXT_ENCODER_PREFIX = "cond_stage_model."
@@ -24,7 +30,7 @@ MAX_LISTED_NAMES = 50
 
 
 class CheckpointError(Exception):
-    """A checkpoint that cannot be used: unreadable, unsafe, or not matching the model."""
+    """A checkpoint that cannot be used: unreadable, unsafe, truncated, or not matching the model."""
 
 
 def load_state_dict_file(path) -> dict[str, torch.Tensor]:
@@ -32,17 +38,18 @@ def load_state_dict_file(path) -> dict[str, torch.Tensor]:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        from safetensors.torch import load_file
-        state_dict = load_file(str(path), device="cpu")
-    elif suffix in PICKLE_SUFFIXES:
-        try:
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as error:
-            raise CheckpointError(f"{path}: refused, the pickle holds more than tensors and plain containers "
-                                  f"(loading it would run code): {error}") from error
-    else:
+        return load_safetensors(path)[0]
+    if suffix not in PICKLE_SUFFIXES:
         raise CheckpointError(f"{path}: unknown checkpoint format {suffix!r} "
                               f"(expected .safetensors or one of {sorted(PICKLE_SUFFIXES)})")
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:  # also what a legacy (non-zip) file cut short raises
+        raise CheckpointError(f"{path}: refused, the pickle holds more than tensors and plain containers "
+                              f"(loading it would run code), or it is truncated: {error}") from error
+    except (RuntimeError, EOFError, OSError) as error:
+        # torch's zip reader on a truncated or corrupt file (OSError EINVAL when the cut is inside the data)
+        raise CheckpointError(f"{path}: unreadable, truncated or corrupt checkpoint: {error}") from error
     if isinstance(state_dict, dict) and isinstance(state_dict.get("state_dict"), dict):
         state_dict = state_dict["state_dict"]
     if not isinstance(state_dict, dict):
@@ -51,6 +58,35 @@ def load_state_dict_file(path) -> dict[str, torch.Tensor]:
     if not_tensors:
         raise CheckpointError(f"{path}: entries that are not tensors: {_listing(not_tensors)}")
     return state_dict
+
+
+def load_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file; a truncated or corrupt file names itself."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: truncated or corrupt safetensors file: {error}") from error
+
+
+def save_unet(path, state_dict: dict[str, torch.Tensor], metadata: dict) -> None:
+    """UNet weights as safetensors (atomically), ``metadata`` values stored as JSON strings."""
+    from safetensors.torch import save_file
+
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={key: json.dumps(value) for key, value in metadata.items()})
+
+
+def load_unet(path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state_dict, metadata) of a file written by ``save_unet``."""
+    tensors, metadata = load_safetensors(path)
+    try:
+        return tensors, {key: json.loads(value) for key, value in metadata.items()}
+    except ValueError as error:
+        raise CheckpointError(f"{path}: metadata is not sdcore's (JSON values): {error}") from error
 
 
 def extract_part(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -89,29 +125,36 @@ def sha256_file(path, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def load_frozen_models(ckpt_path, model_params: dict, load_unet: bool = False) -> tuple:
-    """(vae, text_encoder), or (vae, text_encoder, unet) with ``load_unet``, from an SD checkpoint.
+class StableDiffusionCheckpoint:
+    """The parts of Stability AI's ``512-base-ema.ckpt`` (or a file of the same layout), read once.
 
-    ``model_params`` is the reference yaml's ``model.params`` block (first_stage_config, cond_stage_config,
-    scale_factor, unet_config). The frozen parts come back in eval mode without gradients; the UNet is only
-    needed to score a pretrained SD2 UNet, since the benchmark trains its own from scratch.
+    The benchmark uses only its frozen VAE and text encoder; its UNet is there for scoring a
+    pretrained model. Parts come back in eval mode without gradients.
     """
-    from sdcore.text_encoder import FrozenOpenCLIPText  # here, not at the top: open_clip takes seconds to import
 
-    text_params = model_params["cond_stage_config"]["params"]
-    if text_params.get("layer", "penultimate") != "penultimate":
-        raise ValueError(f"only the penultimate text-encoder layer is implemented, not {text_params['layer']!r}")
-    state_dict = load_state_dict_file(ckpt_path)
-    vae_params = model_params["first_stage_config"]["params"]
-    vae = AutoencoderKL(vae_params["ddconfig"], vae_params["embed_dim"], scale_factor=model_params["scale_factor"])
-    load_part(vae, state_dict, VAE_PREFIX, "VAE")
-    vae.eval().requires_grad_(False)
+    def __init__(self, path):
+        self.path = Path(path)
+        self.state_dict = load_state_dict_file(self.path)
 
-    text_encoder = FrozenOpenCLIPText(text_params["arch"], max_length=text_params.get("max_length", 77))
-    load_part(text_encoder, state_dict, TEXT_ENCODER_PREFIX, "text encoder")
-    if not load_unet:
-        return vae, text_encoder
+    def vae(self, first_stage_params: dict, scale_factor: float) -> nn.Module:
+        """``first_stage_config.params`` of the reference yaml -> the frozen AutoencoderKL."""
+        from sdcore.autoencoder import AutoencoderKL
 
-    unet = UNetModel(**model_params["unet_config"]["params"])
-    load_part(unet, state_dict, UNET_PREFIX, "UNet")
-    return vae, text_encoder, unet.eval()
+        vae = AutoencoderKL(first_stage_params["ddconfig"], first_stage_params["embed_dim"], scale_factor=scale_factor)
+        return load_part(vae, self.state_dict, VAE_PREFIX, f"VAE of {self.path}").eval().requires_grad_(False)
+
+    def text_encoder(self, cond_stage_params: dict) -> nn.Module:
+        """``cond_stage_config.params`` -> the frozen OpenCLIP text tower (penultimate layer)."""
+        from sdcore.text_encoder import FrozenOpenCLIPText  # here: open_clip takes seconds to import
+
+        layer = cond_stage_params.get("layer", "penultimate")
+        if layer != "penultimate":
+            raise ValueError(f"only the penultimate text-encoder layer is implemented, not {layer!r}")
+        encoder = FrozenOpenCLIPText(cond_stage_params["arch"], max_length=cond_stage_params.get("max_length", 77))
+        return load_part(encoder, self.state_dict, TEXT_ENCODER_PREFIX, f"text encoder of {self.path}")
+
+    def unet(self, unet_params: dict) -> nn.Module:
+        from sdcore.unet import UNetModel
+
+        unet = UNetModel(**unet_params)
+        return load_part(unet, self.state_dict, UNET_PREFIX, f"UNet of {self.path}").eval().requires_grad_(False)

@@ -20,10 +20,12 @@ from torch import nn
 def conv2d_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Stride-1 convolution with padding kernel // 2, as im2col + one GEMM.
 
-    Returns (N, C_out, H, W) with channels-last strides (the GEMM's rows are pixels).
+    Returns (N, C_out, H, W) in the input's memory format: channels-last for a channels-last input
+    (the GEMM's rows are pixels, so that is a view), contiguous otherwise.
     """
     n, _, h, w = x.shape
     c_out, _, kh, kw = weight.shape
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         # Cast once here, as autocast would for the convolution: the unfolded copy is then made
@@ -39,7 +41,13 @@ def conv2d_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     # (C_out, C_in, kh, kw) -> (C_in*kh*kw, C_out), the order F.unfold lays out a patch in.
     weight_matrix = weight.reshape(c_out, -1).t()
     out = cols @ weight_matrix if bias is None else torch.addmm(bias, cols, weight_matrix)
-    return out.view(n, h, w, c_out).permute(0, 3, 1, 2)
+    out = out.view(n, h, w, c_out).permute(0, 3, 1, 2)
+    if not channels_last:
+        # Back to the input's layout (a copy of a small map): a channels-last result would make the
+        # next oneDNN convolution channels-last against contiguous weights, and oneDNN then re-lays
+        # the weight out on every call (a 59 MB copy for the 1280-channel 3x3 weights).
+        out = out.contiguous()
+    return out
 
 
 class Conv2d(nn.Conv2d):

@@ -1,33 +1,33 @@
 """Evaluation of a UNet (SPEC section 4): FID and CLIP score of images generated for the COCO prompts.
 
 One ``Evaluator`` is built per process and reused for every checkpoint: it holds the prompts, the frozen VAE
-and text encoder, the Inception-v3 feature extractor, the COCO statistics and the CLIP-score model.
-``Evaluator.evaluate(unet, samples_seen)`` runs on every rank of a launch and returns the same result on all.
+and text encoder, the Inception-v3 feature extractor, the COCO statistics and the CLIP-score model, all
+from files the caller names (``EvalInputs``). ``Evaluator.evaluate(unet, samples_seen, seed)`` runs on every
+rank of a launch and returns the same result on all.
 
 How the numbers are made, and why:
 
-- Prompts are the first ``eval.num_prompts`` rows of ``val2014_30k.tsv``, split across ranks in contiguous
+- Prompts are the first ``eval.num_prompts`` rows of the prompt TSV, split across ranks in contiguous
   blocks whose sizes differ by at most one. Every prompt is scored exactly once: the reference padded the
   last batch with duplicates, we do not (SPEC section 4).
 - The initial latent of prompt ``i`` is drawn on the CPU from a generator seeded from ``(seed, i)``, then
-  moved to the device. It therefore depends on neither the world size, nor the batch size, nor the device,
-  and with eta = 0 (DDIM is then deterministic) neither does the image, up to floating-point differences of
-  batched kernels.
+  moved to the device: it depends on neither the world size, nor the batch size, nor the device.
 - DDIM, 50 steps, eta 0, guidance 8.0 with the empty prompt (encoded once), decode ``z / 0.18215``, image
-  ``clamp((x + 1) / 2, 0, 1)``, then uint8 by ``(255 * x).to(uint8)``: truncation, which is what the
-  reference's ``ToPILImage`` does to the images it hands to the CLIP model. torch-fidelity's Inception takes
-  uint8 only, so the same images go to it (the reference gave its pytorch-fid Inception the float images; the
-  quantisation moves each pixel by less than 1/255).
-- FID: pool3 features of all images gathered to rank 0, Gaussian fitted in float64, Fréchet distance against
-  the COCO statistics. CLIP score: OpenCLIP's own validation transform applied to each uint8 image as a PIL
-  image (as the reference does), cosine of the normalised image and text features, averaged over prompts.
-- The UNet runs under the evaluation's ``FastPaths`` autocast (``eval.precision``, default fp32); VAE,
-  Inception and CLIP always run in fp32.
+  ``clamp((x + 1) / 2, 0, 1)``.
+- FID as the reference computes it (``sdcore.fid``): the float images through pytorch-fid's front end
+  (bilinear to 299, ``2x - 1``) into the Inception network, pool3 features of all images gathered to rank 0,
+  Gaussian in float64, Fréchet distance against the COCO statistics.
+- CLIP score as the reference: each image to uint8 by truncation (``ToPILImage``), OpenCLIP's validation
+  transform on the PIL image, cosine of the normalised image and text features, averaged over prompts.
+- ``eval.precision`` (fp32 | fp16 | bf16) is autocast around the UNet, the VAE decoder, Inception and CLIP;
+  the reference evaluates under fp16 autocast.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,43 +35,37 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
+from PIL import Image, ImageDraw
 from torch import nn
 from tqdm import tqdm
 
-from sdcore.checkpoint import load_frozen_models, load_state_dict_file
-from sdcore.diffusion import LinearSchedule, ddim_sample
-from sdcore.metrics import (INCEPTION_FEATURE, clip_score, frechet_distance, gaussian_stats, inception_features,
-                            load_inception)
+from sdcore.checkpoint import StableDiffusionCheckpoint, load_part, load_state_dict_file, load_unet
+from sdcore.diffusion import LinearSchedule, ddim_sample, ddim_timesteps
+from sdcore.fid import FEATURE_DIM, FRONT_END, InceptionV3Features, frechet_distance, gaussian_stats, load_stats
+from sdcore.files import atomic_path, read_json, write_json
+from sdcore.attention import CrossAttention, check_attention_backend, set_attention_backend
 from sdcore.precision import FastPaths
 from sdcore.unet import UNetModel
 
 log = logging.getLogger(__name__)
 
-PROMPTS_FILE = "coco2014/val2014_30k.tsv"
-COCO_STATS_FILE = "coco2014/val2014_512x512_30k_stats.npz"
 # torch's CPU generator (mt19937) keeps only the low 32 bits of a seed.
 GENERATOR_SEED_MODULUS = 2**32
+GRID_COLUMNS = 4
+GRID_CELL = 256  # pixels per image in the sample grid (demo images are upscaled, full-size ones shrunk)
+GRID_CAPTION_HEIGHT = 48  # pixels of caption (up to 3 lines) under each image
+GRID_TITLE_HEIGHT = 28  # pixels of the title line above the images
 
 
 @dataclass(frozen=True)
-class EvalPaths:
-    """Where the evaluation inputs live, from ``paths`` and ``checkpoints`` of the config."""
+class EvalInputs:
+    """The files an evaluation reads, as the workflow's rule names them."""
 
-    prompts: Path
-    coco_stats: Path
-    sd_checkpoint: Path
-    inception: Path
-    clip: Path
-
-    @classmethod
-    def from_config(cls, config: dict) -> "EvalPaths":
-        data, checkpoints = Path(config["paths"]["data"]), Path(config["paths"]["checkpoints"])
-        files = config["checkpoints"]
-        return cls(prompts=data / PROMPTS_FILE, coco_stats=data / COCO_STATS_FILE,
-                   sd_checkpoint=checkpoints / "sd" / files["sd"]["file"],
-                   inception=checkpoints / "inception" / files["inception"]["file"],
-                   clip=checkpoints / "clip" / files["clip"]["file"])
+    prompts: Path        # val2014_30k.tsv
+    fid_stats: Path      # COCO Inception statistics (mu, sigma)
+    inception: Path      # pytorch-fid Inception weights
+    clip: Path           # OpenCLIP weights of the CLIP score
+    sd_checkpoint: Path  # frozen VAE and text encoder
 
 
 @dataclass
@@ -125,9 +119,14 @@ def initial_latents(indices, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.stack(noise)
 
 
-def to_uint8_images(decoded: torch.Tensor) -> torch.Tensor:
-    """VAE output in about [-1, 1] to uint8 images: clamp((x+1)/2, 0, 1), times 255, truncated like ToPILImage."""
-    return (255.0 * torch.clamp((decoded.float() + 1.0) / 2.0, min=0.0, max=1.0)).to(torch.uint8)
+def to_unit_images(decoded: torch.Tensor) -> torch.Tensor:
+    """VAE output in about [-1, 1] to float images in [0, 1]: clamp((x + 1) / 2, 0, 1)."""
+    return torch.clamp((decoded.float() + 1.0) / 2.0, min=0.0, max=1.0)
+
+
+def to_uint8_images(images: torch.Tensor) -> torch.Tensor:
+    """[0, 1] float images to uint8 by truncation, as the reference's ``ToPILImage`` does."""
+    return (255.0 * images).to(torch.uint8)
 
 
 def gather_rows(local: torch.Tensor, world_size: int) -> torch.Tensor:
@@ -169,94 +168,180 @@ class ClipScorer:
         return self.model.encode_image(pixels.to(self.device)).float()
 
     def score(self, images_uint8: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        """(B,) raw cosine similarity of each image with its prompt."""
-        return clip_score(self.image_features(images_uint8), self.text_features(prompts))
+        """(B,) raw cosine similarity of each image with its prompt: not scaled by 100, not clipped at 0."""
+        image, text = self.image_features(images_uint8), self.text_features(prompts)
+        return (nn.functional.normalize(image, dim=-1) * nn.functional.normalize(text, dim=-1)).sum(dim=-1)
 
 
-def eval_fast_paths(config: dict) -> FastPaths:
-    """``eval.fast_paths`` and ``eval.precision`` (both optional): the faithful fp32 math path by default."""
-    return FastPaths.from_config(config["eval"].get("fast_paths", {}), config["eval"].get("precision", "fp32"))
+def check_ddim_steps(steps: int, total: int) -> None:
+    """ValueError unless the reference's uniform DDIM discretisation (``sdcore.diffusion.ddim_timesteps``) gives
+    exactly ``steps`` timesteps inside the ``total``-step schedule. Counts such as 3 or 30 give one more, and 3 or
+    1000 one past the schedule (the reference's sampler fails on those too); the divisors of 1000 below it are fine."""
+    if steps < 1:
+        raise ValueError(f"{steps} DDIM steps: at least 1 is needed")
+    timesteps = ddim_timesteps(steps, total)
+    if len(timesteps) != steps or int(timesteps[-1]) >= total:
+        raise ValueError(f"{steps} DDIM steps: the reference's uniform discretisation (every {total} // {steps}-th "
+                         f"timestep, plus one) gives {len(timesteps)} timesteps up to {int(timesteps[-1])}, not "
+                         f"{steps} below {total}; use a divisor of {total} below it (e.g. 10, 25, 50)")
+
+
+@dataclass(frozen=True)
+class EvalFastPaths:
+    """Speed paths of the evaluation (``eval.fast_paths``); the defaults are the faithful path.
+
+    ``attention``: the UNet's attention kernel while it samples (``"math"``, the reference's fp32 softmax,
+    or ``"sdpa"``), restored afterwards; None leaves the UNet's own setting (a trained UNet keeps its
+    ``train.fast_paths.attention``). ``fast_inception``: the Inception network with its BatchNorms folded
+    into the convolutions and channels-last (``InceptionV3Features.speed_up_``). Each is checked against
+    the faithful path in tests/test_eval_speed_paths.py.
+    """
+
+    attention: str | None = None
+    fast_inception: bool = False
+
+    @classmethod
+    def from_config(cls, block: dict | None) -> "EvalFastPaths":
+        block = dict(block or {})
+        unknown = set(block) - {"attention", "fast_inception"}
+        if unknown:
+            raise ValueError(f"eval.fast_paths: unknown key(s) {sorted(unknown)}; allowed: attention, fast_inception")
+        paths = cls(**block)
+        if paths.attention is not None:
+            check_attention_backend(paths.attention)
+        return paths
+
+
+@contextlib.contextmanager
+def attention_backend(model: nn.Module, backend: str | None):
+    """Every CrossAttention of ``model`` on ``backend`` inside the block, each restored to its own after."""
+    if backend is None:
+        yield
+        return
+    previous = [(module, module.attention_backend) for module in model.modules() if isinstance(module, CrossAttention)]
+    set_attention_backend(model, backend)
+    try:
+        yield
+    finally:
+        for module, own in previous:
+            module.attention_backend = own
+
+
+class ImageGenerator:
+    """Prompts to images with a UNet: the frozen text encoder and VAE of the SD checkpoint, guided DDIM
+    (eta, steps, guidance scale), decode, under the autocast of ``precision``."""
+
+    def __init__(self, model_params: dict, sd_checkpoint, device, precision: str = "fp32", ddim_steps: int = 50,
+                 eta: float = 0.0, guidance_scale: float = 8.0, fast_paths: dict | None = None):
+        self.device = torch.device(device)
+        self.fast_paths = FastPaths.from_config({}, precision)
+        self.eval_fast_paths = EvalFastPaths.from_config(fast_paths)
+        self.latent_shape = (model_params["channels"], model_params["image_size"], model_params["image_size"])
+        downsampling = 2 ** (len(model_params["first_stage_config"]["params"]["ddconfig"]["ch_mult"]) - 1)
+        self.image_shape = (3, model_params["image_size"] * downsampling, model_params["image_size"] * downsampling)
+        self.ddim_steps, self.eta, self.guidance_scale = int(ddim_steps), float(eta), float(guidance_scale)
+        check_ddim_steps(self.ddim_steps, model_params["timesteps"])  # before minutes of loading and sampling
+        self.schedule = LinearSchedule(model_params["linear_start"], model_params["linear_end"],
+                                       model_params["timesteps"]).to(self.device)
+        sd = StableDiffusionCheckpoint(sd_checkpoint)
+        self.vae = sd.vae(model_params["first_stage_config"]["params"], model_params["scale_factor"]).to(self.device)
+        self.text_encoder = sd.text_encoder(model_params["cond_stage_config"]["params"]).to(self.device)
+        self.uncond = self.text_encoder.encode([""])
+
+    def autocast(self):
+        return self.fast_paths.autocast_context(self.device)
+
+    @torch.no_grad()
+    def generate(self, unet: nn.Module, prompts: list[str], x_T: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) float images in [0, 1] for ``prompts`` from the initial latents ``x_T``."""
+        cond = self.text_encoder.encode(list(prompts))
+        uncond = self.uncond.expand(len(prompts), -1, -1)
+
+        def unet_fn(x, t, context):
+            with self.autocast():
+                return unet(x, t, context).float()
+
+        with attention_backend(unet, self.eval_fast_paths.attention):
+            z = ddim_sample(unet_fn, x_T.to(self.device), cond, uncond, self.schedule, steps=self.ddim_steps,
+                            eta=self.eta, guidance_scale=self.guidance_scale)
+        with self.autocast():
+            return to_unit_images(self.vae.decode_latents(z))
 
 
 class Evaluator:
     """Everything but the UNet, built once; ``evaluate`` scores one UNet (see the module docstring)."""
 
-    def __init__(self, config: dict, device, rank: int = 0, world_size: int = 1):
+    def __init__(self, config: dict, inputs: EvalInputs, device, rank: int = 0, world_size: int = 1):
         self.device = torch.device(device)
         self.rank, self.world_size = rank, world_size
-        self.settings = config["eval"]
-        self.seed = int(config["train"]["seed"])
-        self.fast_paths = eval_fast_paths(config)
-        params = config["model"]["params"]
-        self.latent_shape = (params["channels"], params["image_size"], params["image_size"])
-        paths = EvalPaths.from_config(config)
-
-        self.prompts = load_prompts(paths.prompts, int(self.settings["num_prompts"]))
+        self.settings = settings = config["eval"]
+        self.prompts = load_prompts(inputs.prompts, int(settings["num_prompts"]))
         self.my_indices = rank_block(len(self.prompts), rank, world_size)
-        self.schedule = LinearSchedule(params["linear_start"], params["linear_end"], params["timesteps"]).to(self.device)
-        vae, text_encoder = load_frozen_models(paths.sd_checkpoint, params)
-        self.vae, self.text_encoder = vae.to(self.device), text_encoder.to(self.device)
-        self.uncond = self.text_encoder.encode([""])
-        self.inception = load_inception(paths.inception, self.device)
-        with np.load(paths.coco_stats) as stats:
-            self.coco_mu, self.coco_sigma = stats["mu"], stats["sigma"]
-        self.clip = ClipScorer(config["checkpoints"]["clip"]["arch"], paths.clip, self.device)
+        self.generator = ImageGenerator(config["model"]["params"], inputs.sd_checkpoint, self.device,
+                                        settings["precision"], settings["ddim_steps"], settings["eta"],
+                                        settings["guidance_scale"], settings.get("fast_paths"))
+        self.inception = InceptionV3Features(inputs.inception, self.device)
+        if self.generator.eval_fast_paths.fast_inception:
+            self.inception.speed_up_()
+        self.coco = load_stats(inputs.fid_stats, front_end=FRONT_END)
+        self.clip = ClipScorer(config["checkpoints"]["clip"]["arch"], inputs.clip, self.device)
+
+    def generate(self, unet: nn.Module, indices: list[int], seed: int) -> torch.Tensor:
+        """(B, 3, H, W) float images in [0, 1] for the prompts ``indices``, from their seeded latents."""
+        x_T = initial_latents(indices, self.generator.latent_shape, seed)
+        return self.generator.generate(unet, [self.prompts[i] for i in indices], x_T)
 
     @torch.no_grad()
-    def score_prompts(self, unet: nn.Module, indices, batch_size: int | None = None) -> PromptScores:
-        """Generate and score the images of ``indices`` on this rank (no communication)."""
+    def score_prompts(self, unet: nn.Module, indices, seed: int, batch_size: int | None = None,
+                      keep_images_below: int = 0) -> tuple[PromptScores, torch.Tensor]:
+        """Generate and score the images of ``indices`` on this rank (no communication). Also returns the
+        uint8 images of the prompts with an index below ``keep_images_below`` (for the sample grid)."""
         batch_size = batch_size or int(self.settings["batch_size"])
         indices = list(indices)
-        features, clip_scores = [], []
-        batches = range(0, len(indices), batch_size)
-        for start in tqdm(batches, desc="evaluation", unit="batch", disable=self.rank != 0):
+        features, clip_scores, kept = [], [], []
+        for start in tqdm(range(0, len(indices), batch_size), desc="evaluation", unit="batch", disable=self.rank != 0):
             batch = indices[start:start + batch_size]
-            images = self.generate(unet, batch)
-            prompts = [self.prompts[i] for i in batch]
-            features.append(torch.from_numpy(inception_features(self.inception, images)))
-            clip_scores.append(self.clip.score(images, prompts).double().cpu())
-        return PromptScores(torch.tensor(indices, dtype=torch.int64),
-                            torch.cat(features) if features else torch.empty(0, int(INCEPTION_FEATURE), dtype=torch.float64),
-                            torch.cat(clip_scores) if clip_scores else torch.empty(0, dtype=torch.float64))
+            images = self.generate(unet, batch, seed)
+            with self.generator.autocast():
+                features.append(self.inception(images, autocast=True).double().cpu())
+                images_uint8 = to_uint8_images(images)
+                clip_scores.append(self.clip.score(images_uint8, [self.prompts[i] for i in batch]).double().cpu())
+            kept += [image.cpu() for index, image in zip(batch, images_uint8) if index < keep_images_below]
+        scores = PromptScores(torch.tensor(indices, dtype=torch.int64),
+                              torch.cat(features) if features else torch.empty(0, FEATURE_DIM, dtype=torch.float64),
+                              torch.cat(clip_scores) if clip_scores else torch.empty(0, dtype=torch.float64))
+        return scores, torch.stack(kept) if kept else torch.empty((0, *self.generator.image_shape), dtype=torch.uint8)
 
-    @torch.no_grad()
-    def generate(self, unet: nn.Module, indices: list[int]) -> torch.Tensor:
-        """(B, 3, H, W) uint8 images for the prompts ``indices``."""
-        cond = self.text_encoder.encode([self.prompts[i] for i in indices])
-        uncond = self.uncond.expand(len(indices), -1, -1)
-        x_T = initial_latents(indices, self.latent_shape, self.seed).to(self.device)
-
-        def unet_fn(x, t, context):
-            with self.fast_paths.autocast_context(self.device):
-                return unet(x, t, context).float()
-
-        z = ddim_sample(unet_fn, x_T, cond, uncond, self.schedule,
-                        steps=int(self.settings["ddim_steps"]), eta=float(self.settings["eta"]),
-                        guidance_scale=float(self.settings["guidance_scale"]))
-        return to_uint8_images(self.vae.decode_latents(z))
-
-    def evaluate(self, unet: nn.Module, samples_seen: int) -> dict:
+    def evaluate(self, unet: nn.Module, samples_seen: int, seed: int, samples_png: Path | None = None) -> dict:
         """FID and CLIP score of ``unet`` over all prompts; call on every rank, returns the same dict on all.
 
         Pass the bare UNet (not the DDP wrapper: ranks run different numbers of forward passes). Its
-        train/eval mode is restored afterwards.
+        train/eval mode is restored afterwards. With ``samples_png``, rank 0 also saves the images of the
+        first ``eval.sample_grid`` prompts as a captioned grid.
         """
         started = time.perf_counter()
         was_training = unet.training
         unet.eval()
+        grid_size = min(int(self.settings["sample_grid"]), len(self.prompts)) if samples_png else 0
         try:
-            local = self.score_prompts(unet, self.my_indices)
+            local, images = self.score_prompts(unet, self.my_indices, seed, keep_images_below=grid_size)
         finally:
             unet.train(was_training)
         scores = local.gather(self.world_size, self.device)
+        if grid_size:
+            images = gather_rows(images.to(self.device), self.world_size).cpu() if self.world_size > 1 else images
         result = None
         if self.rank == 0:
             if not torch.equal(scores.indices, torch.arange(len(self.prompts))):
                 raise RuntimeError("evaluation: the gathered prompts are not each prompt exactly once")
             mu, sigma = gaussian_stats(scores.inception.numpy())
-            result = {"fid": frechet_distance(mu, sigma, self.coco_mu, self.coco_sigma),
+            result = {"fid": frechet_distance(mu, sigma, self.coco.mu, self.coco.sigma),
                       "clip": float(scores.clip.mean()), "num_prompts": len(self.prompts),
-                      "samples_seen": int(samples_seen), "seconds": time.perf_counter() - started}
+                      "samples_seen": int(samples_seen), "seed": int(seed), "precision": self.settings["precision"],
+                      "fid_front_end": FRONT_END, "seconds": time.perf_counter() - started}
+            if grid_size:
+                save_sample_grid(samples_png, images, self.prompts[:grid_size],
+                                 f"{samples_seen} samples: FID {result['fid']:.2f}, CLIP {result['clip']:.4f}")
             log.info("evaluation at %d samples: FID %.4f, CLIP %.4f over %d prompts in %.1f s", samples_seen,
                      result["fid"], result["clip"], result["num_prompts"], result["seconds"])
         if self.world_size > 1:
@@ -266,30 +351,61 @@ class Evaluator:
         return result
 
 
+def save_sample_grid(path, images_uint8: torch.Tensor, captions: list[str], title: str) -> None:
+    """A PNG grid of the images with their captions under each, and a title line (atomically)."""
+    columns = min(GRID_COLUMNS, len(captions))
+    rows = -(-len(captions) // columns)
+    caption_height, title_height = GRID_CAPTION_HEIGHT, GRID_TITLE_HEIGHT
+    grid = Image.new("RGB", (columns * GRID_CELL, title_height + rows * (GRID_CELL + caption_height)), "white")
+    draw = ImageDraw.Draw(grid)
+    draw.text((6, 6), title, fill="black")
+    for i, (image, caption) in enumerate(zip(images_uint8, captions)):
+        x, y = (i % columns) * GRID_CELL, title_height + (i // columns) * (GRID_CELL + caption_height)
+        picture = Image.fromarray(image.permute(1, 2, 0).numpy()).resize((GRID_CELL, GRID_CELL), Image.Resampling.LANCZOS)
+        grid.paste(picture, (x, y))
+        lines = textwrap.wrap(caption, width=GRID_CELL // 7)[:3]
+        draw.multiline_text((x + 4, y + GRID_CELL + 2), "\n".join(lines), fill="black", spacing=1)
+    with atomic_path(path) as tmp:
+        grid.save(tmp, format="PNG")
+
+
 def targets_met(result: dict, eval_settings: dict) -> bool:
     """FID <= eval.fid_target and CLIP >= eval.clip_target, at the same checkpoint."""
     return result["fid"] <= float(eval_settings["fid_target"]) and result["clip"] >= float(eval_settings["clip_target"])
 
 
+def write_eval_result(path, result: dict, eval_settings: dict) -> dict:
+    """The one writer of ``eval/step_N.json``: the scores with the targets they are judged by."""
+    record = {**result, "fid_target": float(eval_settings["fid_target"]),
+              "clip_target": float(eval_settings["clip_target"]), "targets_met": targets_met(result, eval_settings)}
+    write_json(path, record)
+    return record
+
+
+def read_eval_results(paths) -> list[dict]:
+    """The results of the existing files among ``paths``, in order."""
+    return [read_json(p) for p in paths if Path(p).exists()]
+
+
 def load_unet_checkpoint(config: dict, checkpoint_path, device) -> tuple[nn.Module, dict]:
-    """The UNet of a training checkpoint (built from ``model.params.unet_config``, eval fast paths applied)
-    and the checkpoint's ``step`` and ``samples_seen``."""
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    """The UNet of a training checkpoint (built from ``model.params.unet_config``) and its metadata
+    (``step``, ``samples_seen``, ``seed``, ``global_batch``)."""
+    state_dict, metadata = load_unet(checkpoint_path)
     unet = UNetModel(**config["model"]["params"]["unet_config"]["params"])
-    unet.load_state_dict(checkpoint["unet"], strict=True)
-    unet = eval_fast_paths(config).apply(unet.to(device).eval().requires_grad_(False))
-    return unet, {"step": int(checkpoint["step"]), "samples_seen": int(checkpoint["samples_seen"])}
+    # strict, and a CheckpointError listing every missing, unexpected and mis-shaped name (not a RuntimeError)
+    load_part(unet, state_dict, "", f"UNet of {checkpoint_path}")
+    return unet.to(device).eval().requires_grad_(False), metadata
 
 
-def evaluate_checkpoint(config: dict, checkpoint_path, out_path, device, rank: int = 0, world_size: int = 1) -> dict:
-    """Offline evaluation of one saved training checkpoint; rank 0 writes the JSON result atomically."""
-    from sdcore.prep import write_json
-
-    unet, progress = load_unet_checkpoint(config, checkpoint_path, device)
-    result = Evaluator(config, device, rank, world_size).evaluate(unet, progress["samples_seen"])
-    result = {"checkpoint": str(checkpoint_path), "step": progress["step"], **result,
-              "fid_target": float(config["eval"]["fid_target"]), "clip_target": float(config["eval"]["clip_target"]),
-              "targets_met": targets_met(result, config["eval"])}
+def evaluate_checkpoint(config: dict, inputs: EvalInputs, checkpoint_path, out_path, device, rank: int = 0,
+                        world_size: int = 1) -> dict:
+    """Offline evaluation of one saved training checkpoint; rank 0 writes the result and the sample grid."""
+    unet, metadata = load_unet_checkpoint(config, checkpoint_path, device)
+    out_path = Path(out_path)
+    evaluator = Evaluator(config, inputs, device, rank, world_size)
+    result = evaluator.evaluate(unet, metadata["samples_seen"], metadata["seed"],
+                                samples_png=out_path.with_name(f"{out_path.stem}_samples.png"))
+    result = {"checkpoint": str(checkpoint_path), "step": metadata["step"], **result}
     if rank == 0:
-        write_json(out_path, result)
+        result = write_eval_result(out_path, result, config["eval"])
     return result

@@ -6,6 +6,7 @@ the trainer and evaluator turn on from config and that tests compare against fp3
 """
 
 import contextlib
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -133,3 +134,82 @@ class PersistentWeightCasts(nn.Module):
                 param.grad = torch.zeros_like(param)
             casts[name] = _CastInto.apply(param, *self._buffers_for(name, param))
         return torch.func.functional_call(self.module, casts, args, kwargs)
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags of /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def matmul_gflops(dtype: torch.dtype, size: int = 1024, seconds: float = 0.2) -> float:
+    """Measured matrix-multiply throughput of this CPU at ``dtype`` (GFLOP/s, current thread count)."""
+    import time
+
+    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+    a @ b  # warm-up: oneDNN picks its kernel on the first call
+    runs, start = 0, time.perf_counter()
+    while runs < 2 or time.perf_counter() - start < seconds:
+        a @ b
+        runs += 1
+    return 2 * size**3 * runs / (time.perf_counter() - start) / 1e9
+
+
+def warn_if_slow_precision(precision: str, device: torch.device) -> None:
+    """One warning line when a CPU run asks for bf16/fp16 autocast and this CPU computes that
+    precision slower than fp32 (no AMX: the low-precision matmuls are emulated or narrow)."""
+    if device.type != "cpu" or precision == "fp32":
+        return
+    dtype = AUTOCAST_DTYPES[PRECISION_TO_AUTOCAST[precision]]
+    low, full = matmul_gflops(dtype), matmul_gflops(torch.float32)
+    if low < full:
+        logging.getLogger(__name__).warning(
+            "%s autocast on a CPU where %s matmul runs at %.0f GFLOP/s and fp32 at %.0f (capability %s%s): "
+            "fp32 is likely faster here", precision, precision, low, full, torch.backends.cpu.get_cpu_capability(),
+            ", AMX" if "amx_bf16" in cpu_flags() else ", no AMX")
+
+
+# What recommend_fast_paths picks, per case; each choice measured with benchmarks/unet_train_step.py
+# (full-size UNet, batch 4, 32x32 latent; README speed section).
+CPU_FP32_CONV_GEMM_MAX_PIXELS = 16     # fp32 on a CPU: oneDNN's backward on 4x4 maps is the slow case
+CPU_LOW_PRECISION_CONV_GEMM_MAX_PIXELS = 64  # bf16/fp16 autocast on a CPU with fast bf16 (AMX)
+FAST_BF16_MARGIN = 1.0                 # bf16 counts as fast where its matmul beats fp32 by this factor
+
+
+def recommend_precision(fp32_gflops: float | None = None, bf16_gflops: float | None = None) -> str:
+    """``"bf16"`` where this CPU's bf16 matmul is faster than its fp32 one (AMX Xeons), else ``"fp32"``
+    (AVX-512 without AMX: narrower; AVX2: emulated). Peaks are measured when not given."""
+    fp32 = matmul_gflops(torch.float32) if fp32_gflops is None else fp32_gflops
+    bf16 = matmul_gflops(torch.bfloat16) if bf16_gflops is None else bf16_gflops
+    return "bf16" if bf16 > FAST_BF16_MARGIN * fp32 else "fp32"
+
+
+def recommend_fast_paths(precision: str = "fp32", device: str | torch.device = "cpu",
+                         fp32_gflops: float | None = None, bf16_gflops: float | None = None) -> FastPaths:
+    """The fast paths to train the UNet with at ``precision`` on ``device``, chosen from what this
+    machine is (measured, or the given matmul peaks): each switch is one that was faster there.
+
+    * every device: sdpa attention (fused; the reference's math attention materialises the scores);
+    * CUDA: channels-last (cuDNN's NHWC kernels), no GEMM convolutions (cuDNN picks its own);
+    * CPU, fp32: convolutions on maps of at most ``CPU_FP32_CONV_GEMM_MAX_PIXELS`` pixels as GEMMs;
+      contiguous (NCHW) activations, which oneDNN's fp32 kernels run faster than channels-last on
+      the UNet's small maps;
+    * CPU, bf16/fp16 autocast where bf16 is fast: GEMM convolutions up to
+      ``CPU_LOW_PRECISION_CONV_GEMM_MAX_PIXELS`` pixels and persistent weight casts. Where bf16 is
+      not fast, the fp32 choice (autocast stays as asked: precision is the run's decision, and
+      ``warn_if_slow_precision`` says it is slow).
+    """
+    autocast = PRECISION_TO_AUTOCAST[precision]
+    device = torch.device(device)
+    if device.type == "cuda":
+        return FastPaths(attention="sdpa", channels_last=True, autocast=autocast)
+    if autocast is not None and recommend_precision(fp32_gflops, bf16_gflops) == "bf16":
+        return FastPaths(attention="sdpa", autocast=autocast,
+                         conv_gemm_max_pixels=CPU_LOW_PRECISION_CONV_GEMM_MAX_PIXELS, persistent_weight_casts=True)
+    return FastPaths(attention="sdpa", autocast=autocast, conv_gemm_max_pixels=CPU_FP32_CONV_GEMM_MAX_PIXELS)

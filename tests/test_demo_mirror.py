@@ -1,12 +1,15 @@
-"""The demo mirror: real formats, planted defects in the intended numbers, loadable tiny checkpoints,
-and byte-identical regeneration."""
+"""The demo mirror (workflow_scripts/demo_mirror.py): real formats, planted defects in the intended numbers,
+loadable tiny checkpoints, the published-layout stand-in made the reference's way, and byte-identical
+regeneration."""
 
+import csv
 import hashlib
 import io
 import json
 import os
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -20,41 +23,57 @@ import torch
 import yaml
 from PIL import Image
 from snakemake.utils import update_config
-from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-from sdcore.autoencoder import AutoencoderKL
-from sdcore.checkpoint import (TEXT_ENCODER_PREFIX, UNET_PREFIX, VAE_PREFIX, extract_part, load_part,
-                               load_state_dict_file)
-from sdcore.prep import demo_mirror
-from sdcore.prep.demo_mirror import COLOURS, LAION_PARTS, Scene, draw_scene, laion_caption, make_mirror
-from sdcore.text_encoder import FrozenOpenCLIPText
-from sdcore.unet import UNetModel
+from sdcore.checkpoint import StableDiffusionCheckpoint, extract_part, load_state_dict_file
+from sdcore.fid import InceptionV3Features
+from sdcore.prep.coco import select_prompts
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "workflow_scripts"))
+import demo_mirror  # noqa: E402
+from demo_mirror import COLOURS, LAION_PARTS, Scene, draw_scene, laion_caption, make_mirror  # noqa: E402
+
 SEED = 7
+# What the rule demo_mirror hands the generator: rules/common.smk, CONFIG_SLICES["mirror"].
+MIRROR_KEYS = ["model.params", "checkpoints.clip.arch", "coco.subset", "coco.image_size", "published.moments.shards",
+               "demo_mirror.published_samples_per_shard"]
+
+
+def config_slice(config, dotted_keys):
+    """The sub-tree of ``config`` holding only the given dotted keys (rules/common.smk: config_slice)."""
+    sliced = {}
+    for dotted in dotted_keys:
+        *parents, leaf = dotted.split(".")
+        source, target = config, sliced
+        for key in parents:
+            source, target = source[key], target.setdefault(key, {})
+        target[leaf] = source[leaf]
+    return sliced
 
 
 @pytest.fixture(scope="module")
 def config():
-    """config.yaml with the demo overrides merged over it, as Snakemake merges --configfile files."""
+    """The mirror's slice of config.yaml with the demo overrides merged over it, as Snakemake merges
+    --configfile files and the rule demo_mirror slices them."""
     merged = yaml.safe_load((REPO / "config.yaml").read_text())
     update_config(merged, yaml.safe_load((REPO / "profiles" / "demo" / "demo-config.yaml").read_text()))
-    return merged
+    return config_slice(merged, MIRROR_KEYS)
 
 
 @pytest.fixture(scope="module")
 def mirror(tmp_path_factory, config):
     """A mirror generated once through the command-line script, as the workflow rule runs it."""
     root = tmp_path_factory.mktemp("demo")
-    config_path = root / "config.yaml"
+    config_path = root / "mirror.yaml"
     config_path.write_text(yaml.safe_dump(config))
     out = root / "mirror"
     env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", OMP_NUM_THREADS="1")
-    subprocess.run(
-        [sys.executable, str(REPO / "workflow_scripts" / "make_demo_mirror.py"),
+    process = subprocess.run(
+        [sys.executable, str(REPO / "workflow_scripts" / "demo_mirror.py"),
          "--out", str(out), "--seed", str(SEED), "--config", str(config_path)],
-        check=True, env=env, capture_output=True,
+        env=env, capture_output=True, text=True,
     )
+    assert process.returncode == 0, process.stderr
     return out
 
 
@@ -78,6 +97,7 @@ def test_manifest_lists_every_file_with_its_hash(mirror):
     assert manifest["seed"] == SEED
 
 
+@pytest.mark.slow  # a second whole mirror: ~20 s
 def test_regeneration_in_place_is_byte_identical(mirror, config):
     before = _file_hashes(mirror)
     with torch.random.fork_rng(devices=[]):
@@ -188,45 +208,57 @@ def test_coco_archives_follow_the_coco_2014_layout(mirror):
 
 
 def test_sd_checkpoint_loads_strictly_into_the_configured_tiny_models(mirror, config):
-    raw = torch.load(mirror / "checkpoints" / "512-base-ema.ckpt", weights_only=True, map_location="cpu")
+    raw = torch.load(mirror / demo_mirror.SD_CHECKPOINT, weights_only=True, map_location="cpu")
     state = raw["state_dict"]
     assert {name.split(".")[0] + "." for name in state} == {"model.", "first_stage_model.", "cond_stage_model."}
-    assert all(name.startswith((UNET_PREFIX, VAE_PREFIX, "cond_stage_model.model.")) for name in state)
+    assert all(name.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.model."))
+               for name in state)
     params = config["model"]["params"]
-    vae_params = params["first_stage_config"]["params"]
-    load_part(UNetModel(**params["unet_config"]["params"]), state, UNET_PREFIX, "UNet")
-    load_part(AutoencoderKL(vae_params["ddconfig"], vae_params["embed_dim"]), state, VAE_PREFIX, "VAE")
-    load_part(FrozenOpenCLIPText(params["cond_stage_config"]["params"]["arch"]), state, TEXT_ENCODER_PREFIX, "text")
+    checkpoint = StableDiffusionCheckpoint(mirror / demo_mirror.SD_CHECKPOINT)  # strict: every name and shape
+    checkpoint.unet(params["unet_config"]["params"])
+    checkpoint.vae(params["first_stage_config"]["params"], params["scale_factor"])
+    checkpoint.text_encoder(params["cond_stage_config"]["params"])
 
 
-def test_inception_file_loads_in_torch_fidelity_and_gives_informative_features(mirror):
-    extractor = FeatureExtractorInceptionV3(
-        "inception-v3-compat", ["2048"],
-        feature_extractor_weights_path=str(mirror / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"),
-    )
+def pytorch_fid_inception(weights):
+    """pytorch-fid's own InceptionV3 (FID variant, pool3), its weight download replaced by ``weights``."""
+    import pytorch_fid.inception as pf_inception
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pf_inception, "load_state_dict_from_url",
+                      lambda url, *args, **kwargs: torch.load(weights, map_location="cpu", weights_only=True))
+        return pf_inception.InceptionV3([pf_inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
+
+
+def test_inception_file_is_pytorch_fid_layout_and_gives_informative_features(mirror):
+    weights = mirror / demo_mirror.INCEPTION_CHECKPOINT
+    assert weights.name == "pt_inception-2015-12-05-6726825d.pth"  # the name pytorch-fid downloads
     rng = np.random.default_rng(0)
     pictures = [np.asarray(draw_scene(demo_mirror.random_scene(rng, 64, 64))) for _ in range(5)]
-    images = torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2).contiguous()
+    images = torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2).float() / 255
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # Inception at 299 px: one thread wastes no time waiting on a shared CPU
     try:
-        (features,) = extractor(images)
+        ours = InceptionV3Features(weights)(images).double().numpy()  # strict load of the whole layout
+        with torch.no_grad():
+            theirs = pytorch_fid_inception(weights)(images)[0].flatten(1).double().numpy()  # strict as well
     finally:
         torch.set_num_threads(threads)
-    assert features.shape == (5, 2048)
-    assert torch.isfinite(features).all()
-    assert features.abs().mean() > 1e-2
-    centred = features.double().numpy() - features.double().numpy().mean(axis=0)
+    assert ours.shape == (5, 2048) and np.isfinite(ours).all()
+    assert np.abs(ours - theirs).max() <= 1e-4 * np.abs(theirs).max()
+    assert np.abs(ours).mean() > 1e-2
+    centred = ours - ours.mean(axis=0)
     assert np.linalg.matrix_rank(centred) == 4  # the covariance has full rank for 5 samples
+    assert centred.std(axis=0).max() > 0.05 * np.abs(ours).max()  # features vary with the picture
 
 
 def test_clip_file_loads_into_open_clip_and_shares_the_text_tower(mirror, config):
-    path = mirror / "checkpoints" / "open_clip_pytorch_model.bin"
+    path = mirror / demo_mirror.CLIP_CHECKPOINT
     arch = config["checkpoints"]["clip"]["arch"]
     model = open_clip.create_model(arch, pretrained=str(path))
     clip_state = load_state_dict_file(path)
     model.load_state_dict(clip_state, strict=True)
-    sd_state = load_state_dict_file(mirror / "checkpoints" / "512-base-ema.ckpt")
+    sd_state = load_state_dict_file(mirror / demo_mirror.SD_CHECKPOINT)
     text = extract_part(sd_state, "cond_stage_model.model.")
     assert text and all(torch.equal(clip_state[name], value) for name, value in text.items())
     size = model.visual.image_size
@@ -234,3 +266,67 @@ def test_clip_file_loads_into_open_clip_and_shares_the_text_tower(mirror, config
         image_features = model.encode_image(torch.rand(2, 3, *size))
         text_features = model.encode_text(open_clip.get_tokenizer(arch)(["a red circle", "two blue squares"]))
     assert torch.isfinite(image_features).all() and torch.isfinite(text_features).all()
+
+
+# ---- published/: the stand-in for MLCommons' prepared dataset --------------------------------------------
+
+
+def test_published_coco_prompts_are_the_reference_subset_of_the_mirrors_captions(mirror, config):
+    with zipfile.ZipFile(mirror / "coco" / "annotations_trainval2014.zip") as zf:
+        annotations = json.loads(zf.read("annotations/captions_val2014.json"))["annotations"]
+    subset = config["coco"]["subset"]
+    expected = select_prompts(annotations, subset["size"], subset["seed"]).to_csv(sep="\t", index=False)
+    published = (mirror / "published" / "coco2014" / "val2014_30k.tsv").read_text()
+    assert published == expected
+    rows = list(csv.reader(io.StringIO(published), delimiter="\t"))
+    assert rows[0] == ["image_id", "id", "caption"] and len(rows) == 1 + subset["size"]
+
+
+def test_published_fid_stats_are_pytorch_fids_of_the_resized_mirror_images(mirror, config, tmp_path):
+    """The reference's way, written out independently: coco-split-resize.py (PIL bicubic, JPEG at PIL's default
+    quality under the original name), then pytorch-fid's calculate_activation_statistics on those files."""
+    import pytorch_fid.fid_score as pf_score
+
+    size = config["coco"]["image_size"]
+    tsv = mirror / "published" / "coco2014" / "val2014_30k.tsv"
+    image_ids = [int(row["image_id"]) for row in csv.DictReader(tsv.open(), delimiter="\t")]
+    files = []
+    with zipfile.ZipFile(mirror / "coco" / "val2014.zip") as zf:
+        for image_id in image_ids:
+            name = f"COCO_val2014_{image_id:012d}.jpg"
+            with Image.open(io.BytesIO(zf.read(f"val2014/{name}"))) as image:
+                image.resize((size, size), Image.Resampling.BICUBIC).save(tmp_path / name)
+            files.append(str(tmp_path / name))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        mu, sigma = pf_score.calculate_activation_statistics(
+            files, pytorch_fid_inception(mirror / demo_mirror.INCEPTION_CHECKPOINT), batch_size=50, dims=2048,
+            device="cpu", num_workers=0)
+    finally:
+        torch.set_num_threads(threads)
+    with np.load(mirror / "published" / "coco2014" / "val2014_30k_stats.npz") as published:
+        assert {"mu", "sigma"} <= set(published.files)
+        assert published["mu"].shape == (2048,) and published["sigma"].shape == (2048, 2048)
+        assert np.abs(published["mu"] - mu).max() <= 1e-4 * np.abs(mu).max()
+        assert np.abs(published["sigma"] - sigma).max() <= 1e-3 * np.abs(sigma).max()
+    assert np.abs(sigma).max() > 0
+
+
+def test_published_moment_shards_carry_the_laion_captions(mirror, config, parts):
+    moments = mirror / "published" / "laion-400m" / "moments-webdataset-filtered"
+    shards = config["published"]["moments"]["shards"]
+    per_shard = config["demo_mirror"]["published_samples_per_shard"]
+    names = [f"{i:05d}.tar" for i in range(shards)]
+    assert sorted(p.name for p in moments.iterdir()) == sorted(names + ["sha512sums.txt"])
+    sums = dict(line.split()[::-1] for line in (moments / "sha512sums.txt").read_text().splitlines())
+    laion_captions = set(caption for table in parts for caption in table.column("TEXT").to_pylist())
+    latent = config["model"]["params"]["image_size"]
+    for name in names:
+        assert hashlib.sha512((moments / name).read_bytes()).hexdigest() == sums[name]
+        with tarfile.open(moments / name) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+        captions = [data.decode() for member, data in members.items() if member.endswith(".txt")]
+        assert len(captions) == per_shard and set(captions) <= laion_captions
+        moment = np.load(io.BytesIO(next(data for member, data in members.items() if member.endswith(".npy"))))
+        assert moment.dtype == np.float32 and moment.shape == (1, 8, latent, latent)

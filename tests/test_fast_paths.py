@@ -105,7 +105,7 @@ def mini_unet(golden) -> UNetModel:
     return model
 
 
-@pytest.mark.slow
+@pytest.mark.compile
 def test_compiled_model_matches_eager(golden):
     inputs = (golden["x"], golden["t"], golden["context"])
     eager = forward_backward(mini_unet(golden), inputs, FastPaths())

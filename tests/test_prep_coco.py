@@ -3,7 +3,9 @@
 import csv
 import json
 import re
+import sys
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,9 +13,9 @@ import torch
 from PIL import Image
 
 from sdcore.prep import PrepError
-from sdcore.prep.coco import (extract_zip, fid_stats, resize_images, resized_image_name, source_image_name,
-                              write_subset)
+from sdcore.prep.coco import extract_zip, fid_stats, resize_images, source_image_name, write_subset
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow_scripts"))  # demo_mirror
 torch.set_num_threads(1)
 
 
@@ -99,7 +101,7 @@ def test_extract_corrupt_zip_names_it(tmp_path):
 
 @pytest.fixture(scope="module")
 def coco(tmp_path_factory):
-    """Six source images (one grayscale, varied aspect), a 4-row subset TSV and its resized PNGs."""
+    """Six source JPEGs (one grayscale, varied aspect), a 4-row subset TSV and its resized copies."""
     root = tmp_path_factory.mktemp("coco")
     data = make_annotations(n_images=6)
     (root / "captions.json").write_text(json.dumps(data))
@@ -108,23 +110,39 @@ def coco(tmp_path_factory):
     rng = np.random.default_rng(0)
     for k, image in enumerate(data["images"]):
         shape = (int(rng.integers(30, 80)), int(rng.integers(30, 80))) + (() if k == 0 else (3,))
-        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(images / image["file_name"])
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(images / image["file_name"], quality=95)
     subset = write_subset(root / "captions.json", root / "subset.tsv", size=4)
+    grayscale = source_image_name(data["images"][0]["id"])
+    assert grayscale in {source_image_name(i) for i in subset["image_id"]}, "the grayscale image must be resized"
     resize_images(root / "subset.tsv", images, root / "resized", 64, root / "resized" / ".done")
     return root, subset
 
 
-def test_resized_images_are_bicubic_squares(coco):
+def test_resized_images_are_the_references_bicubic_jpegs(coco, tmp_path):
+    """coco-split-resize.py: Image.open(src).resize((s, s), BICUBIC) with no mode conversion, saved under the
+    source's .jpg name, so as JPEG at PIL's default quality (75)."""
     root, subset = coco
     assert (root / "resized" / ".done").exists()
-    assert sorted(p.name for p in (root / "resized").glob("*.png")) == sorted(
-        resized_image_name(i) for i in subset["image_id"])
+    assert sorted(p.name for p in (root / "resized").iterdir()) == sorted(
+        [".done"] + [source_image_name(i) for i in subset["image_id"]])  # no temporary file left
+    modes = set()
     for image_id in subset["image_id"]:
-        with Image.open(root / "val2014" / source_image_name(image_id)) as src:
-            expected = np.asarray(src.convert("RGB").resize((64, 64), Image.Resampling.BICUBIC))
-        with Image.open(root / "resized" / resized_image_name(image_id)) as out:
-            assert out.mode == "RGB" and out.size == (64, 64)
-            np.testing.assert_array_equal(np.asarray(out), expected)
+        name = source_image_name(image_id)
+        with Image.open(root / "val2014" / name) as src:
+            src.resize((64, 64), Image.Resampling.BICUBIC).save(tmp_path / name, quality=75)
+        assert (root / "resized" / name).read_bytes() == (tmp_path / name).read_bytes()
+        with Image.open(root / "resized" / name) as out:
+            assert out.format == "JPEG" and out.size == (64, 64)
+            modes.add(out.mode)
+    assert modes == {"L", "RGB"}  # grayscale stays grayscale, as in the reference
+
+
+def test_parallel_resize_writes_the_same_files(coco, tmp_path):
+    root, subset = coco
+    resize_images(root / "subset.tsv", root / "val2014", tmp_path / "out", 64, tmp_path / "done", workers=2)
+    for image_id in subset["image_id"]:
+        name = source_image_name(image_id)
+        assert (tmp_path / "out" / name).read_bytes() == (root / "resized" / name).read_bytes()
 
 
 def test_missing_source_image_is_named(coco, tmp_path):
@@ -135,36 +153,61 @@ def test_missing_source_image_is_named(coco, tmp_path):
     assert not (tmp_path / "done").exists()
 
 
-def random_inception_weights(path, monkeypatch):
-    """torch-fidelity's Inception-v3 with random weights, saved as a plain state dict (no download)."""
-    from torch_fidelity import feature_extractor_inceptionv3 as fe
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory):
+    """Random FID-Inception weights in pytorch-fid's layout (the demo mirror's recipe: He init, BatchNorm
+    calibrated on a few images, so that the features vary with the input)."""
+    from demo_mirror import inception_state
 
-    with monkeypatch.context() as m:
-        m.setattr(fe, "load_state_dict_from_url", lambda *a, **k: None)
-        m.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None)
-        torch.manual_seed(0)
-        model = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    torch.save(model.state_dict(), path)
+    calibration = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    path = tmp_path_factory.mktemp("inception") / "pt_inception-random.pth"
+    torch.save(inception_state(calibration, seed=0), path)
+    return path
 
 
-def test_fid_stats_equal_torch_fidelity_features(coco, tmp_path, monkeypatch):
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+def pytorch_fid_model(weights, monkeypatch):
+    """pytorch-fid's own InceptionV3 (FID variant, pool3), its weight download replaced by our file."""
+    import pytorch_fid.inception as pf_inception
+
+    monkeypatch.setattr(pf_inception, "load_state_dict_from_url",
+                        lambda url, *args, **kwargs: torch.load(weights, map_location="cpu", weights_only=True))
+    return pf_inception.InceptionV3([pf_inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
+
+
+def test_fid_stats_equal_pytorch_fid_on_the_resized_files(coco, tmp_path, inception_weights, monkeypatch):
+    import pytorch_fid.fid_score as pf_score
+
+    from sdcore.fid import FRONT_END, load_stats
 
     root, subset = coco
-    weights = tmp_path / "inception.pth"
-    random_inception_weights(weights, monkeypatch)
-    mu, sigma = fid_stats(root / "resized", root / "subset.tsv", weights, tmp_path / "stats.npz", batch_size=3,
-                          device="cpu")
-    with np.load(tmp_path / "stats.npz") as saved:
-        assert sorted(saved.files) == ["mu", "sigma"]
-        assert saved["mu"].shape == (2048,) and saved["sigma"].shape == (2048, 2048)
-        np.testing.assert_array_equal(saved["mu"], mu)
-    extractor = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=weights)
-    images = torch.stack([torch.from_numpy(np.asarray(Image.open(root / "resized" / resized_image_name(i))).copy())
-                          .permute(2, 0, 1) for i in subset["image_id"]])
-    with torch.no_grad():
-        (features,) = extractor(images)
-    features = features.double().numpy()
-    assert np.abs(features).max() > 0
-    np.testing.assert_allclose(mu, features.mean(axis=0), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(sigma, np.cov(features, rowvar=False), rtol=1e-5, atol=1e-6)
+    mu, sigma = fid_stats(root / "resized", root / "subset.tsv", inception_weights, tmp_path / "stats.npz",
+                          batch_size=3, device="cpu")  # batches of 3 and 1
+    saved = load_stats(tmp_path / "stats.npz", front_end=FRONT_END)
+    np.testing.assert_array_equal(saved.mu, mu)
+    np.testing.assert_array_equal(saved.sigma, sigma)
+    assert mu.shape == (2048,) and sigma.shape == (2048, 2048)
+    with np.load(tmp_path / "stats.npz") as data:  # the reference's reader takes the file as it is
+        assert {"mu", "sigma"} <= set(data.files)
+    files = [str(root / "resized" / source_image_name(i)) for i in subset["image_id"]]
+    ref_mu, ref_sigma = pf_score.calculate_activation_statistics(
+        files, pytorch_fid_model(inception_weights, monkeypatch), batch_size=4, dims=2048, device="cpu",
+        num_workers=0)
+    assert np.abs(ref_mu).max() > 0 and np.abs(ref_sigma).max() > 0
+    # The two networks compute the same float32 operations: agreement to float32 rounding, scaled by the
+    # largest value (as tests/test_fid.py), whatever the thread count.
+    assert np.abs(mu - ref_mu).max() <= 1e-4 * np.abs(ref_mu).max()
+    assert np.abs(sigma - ref_sigma).max() <= 1e-3 * np.abs(ref_sigma).max()
+
+
+def test_fid_stats_name_an_unreadable_image(coco, tmp_path, inception_weights):
+    root, subset = coco
+    broken = tmp_path / "resized"
+    broken.mkdir()
+    for image_id in subset["image_id"]:
+        name = source_image_name(image_id)
+        (broken / name).write_bytes((root / "resized" / name).read_bytes())
+    victim = source_image_name(subset["image_id"].iloc[1])
+    (broken / victim).write_bytes(b"\xff\xd8 not a jpeg")
+    with pytest.raises(PrepError, match=victim):
+        fid_stats(broken, root / "subset.tsv", inception_weights, tmp_path / "stats.npz", device="cpu")
+    assert not (tmp_path / "stats.npz").exists()

@@ -2,6 +2,8 @@
 
 import hashlib
 import http.server
+import logging
+import socket
 import threading
 
 import pytest
@@ -72,23 +74,27 @@ def test_verified_download_writes_no_sidecar(tmp_path):
     src = tmp_path / "src.bin"
     src.write_bytes(PAYLOAD)
     out = tmp_path / "copy.bin"
-    download(str(src), out, sha256=_sha256(PAYLOAD), md5=hashlib.md5(PAYLOAD).hexdigest(), size=len(PAYLOAD))
+    download(str(src), out, sha256=_sha256(PAYLOAD), md5=hashlib.md5(PAYLOAD).hexdigest(), size=len(PAYLOAD),
+             sha512=hashlib.sha512(PAYLOAD).hexdigest().upper())
     assert out.read_bytes() == PAYLOAD
     assert not (tmp_path / "copy.bin.sha256").exists()
 
 
-@pytest.mark.parametrize("check", ["sha256", "md5", "size"])
+@pytest.mark.parametrize("check", ["sha256", "sha512", "md5", "size"])
 def test_mismatch_leaves_no_file(tmp_path, check):
     src = tmp_path / "src.bin"
     src.write_bytes(PAYLOAD)
     out = tmp_path / "copy.bin"
-    wrong = {"sha256": {"sha256": "0" * 64}, "md5": {"md5": "0" * 32}, "size": {"size": len(PAYLOAD) + 1}}[check]
+    wrong = {"sha256": {"sha256": "0" * 64}, "sha512": {"sha512": "0" * 128}, "md5": {"md5": "0" * 32},
+             "size": {"size": len(PAYLOAD) + 1}}[check]
     with pytest.raises(ChecksumError) as err:
         download(str(src), out, **wrong)
     message = str(err.value)
     assert str(out) in message and "mismatch" in message
     if check == "sha256":
         assert "0" * 64 in message and _sha256(PAYLOAD) in message
+    if check == "sha512":
+        assert "0" * 128 in message and hashlib.sha512(PAYLOAD).hexdigest() in message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src.bin"]
 
 
@@ -140,3 +146,30 @@ def test_http_gives_up_after_retries(tmp_path, server):
     with pytest.raises(PrepError, match="after 2 attempts"):
         download(url, tmp_path / "blob.bin", retries=1, backoff_seconds=0.01)
     assert not (tmp_path / "blob.bin").exists()
+
+
+def test_http_unreachable_endpoint_is_named(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # released: nothing listens there
+    with pytest.raises(PrepError, match=f"endpoint http://127.0.0.1:{port} unreachable after 2 attempts"):
+        download(f"http://127.0.0.1:{port}/blob.bin", tmp_path / "blob.bin", retries=1, backoff_seconds=0.01)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_local_progress_reports_total(tmp_path, caplog):
+    src = tmp_path / "src.bin"
+    src.write_bytes(PAYLOAD)
+    caplog.set_level(logging.INFO, logger="sdcore.prep.download")
+    download(str(src), tmp_path / "copy.bin", chunk_bytes=100_000, progress_seconds=0)
+    lines = [r.getMessage() for r in caplog.records if "ETA" in r.getMessage()]
+    assert len(lines) == 11  # one per 100 kB chunk of the 1,024,000 bytes
+    assert "1.0 MB of 1.0 MB (100.0%)" in lines[-1] and "ETA 0:00:00" in lines[-1]
+
+
+def test_http_stream_progress_knows_the_total(tmp_path, server, caplog):
+    caplog.set_level(logging.INFO, logger="sdcore.prep.download")
+    url = f"http://127.0.0.1:{server.server_port}/blob.bin"
+    download(url, tmp_path / "blob.bin", chunk_bytes=200_000, progress_seconds=0)
+    lines = [r.getMessage() for r in caplog.records if "ETA" in r.getMessage()]
+    assert lines and all(" of 1.0 MB (" in line for line in lines)

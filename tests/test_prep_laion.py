@@ -93,7 +93,7 @@ def test_summary_adds_up_parts(tmp_path, part):
 
 
 def test_filter_cli(tmp_path, part):
-    subprocess.run([sys.executable, REPO / "workflow_scripts/filter_laion.py", "--in", part, "--out",
+    subprocess.run([sys.executable, REPO / "workflow_scripts/filter_laion_metadata.py", "--in", part, "--out",
                     tmp_path / "f.parquet", "--report", tmp_path / "r.json", "--mode", "cc-by"], check=True)
     assert json.loads((tmp_path / "r.json").read_text())["mode"] == "cc-by"
     assert len(pd.read_parquet(tmp_path / "f.parquet")) > 0
@@ -194,7 +194,7 @@ def test_every_url_failing_names_the_input(tmp_path):
 
 @pytest.mark.slow
 def test_every_stored_image_gets_reference_moments(fetched, tmp_path):
-    """encode_latents.py on img2dataset's output: one .npy per stored image, equal to the VAE applied to
+    """encode_laion_latents.py on img2dataset's output: one .npy per stored image, equal to the VAE applied to
     the reference preprocessing (ToTensor, bicubic short-side resize without antialias, centre crop)."""
     import torch
     from torchvision import transforms
@@ -204,7 +204,7 @@ def test_every_stored_image_gets_reference_moments(fetched, tmp_path):
     _, out_dir, manifest = fetched
     vae, ckpt, config, _ = tiny_vae_checkpoint(tmp_path)
     latents = tmp_path / "latents"
-    subprocess.run([sys.executable, REPO / "workflow_scripts/encode_latents.py", "--manifest",
+    subprocess.run([sys.executable, REPO / "workflow_scripts/encode_laion_latents.py", "--manifest",
                     out_dir / "manifest.json", "--out-dir", latents, "--out-manifest", latents / "manifest.json",
                     "--checkpoint", ckpt, "--config", config, "--image-size", "64", "--batch-size", "4",
                     "--device", "auto"], check=True)

@@ -12,6 +12,7 @@ from PIL import Image
 from torchvision import transforms
 
 from prep_helpers import tiny_vae_checkpoint
+from sdcore.checkpoint import CheckpointError
 from sdcore.prep import PrepError
 from sdcore.prep.latents import encode_manifest, iter_tar_samples
 
@@ -126,6 +127,20 @@ def test_shard_shorter_than_img2dataset_stats_is_an_error(tmp_path, model, shard
     with pytest.raises(PrepError, match="00001.tar.*holds 2 samples but img2dataset stored 3"):
         encode_manifest(src / "manifest.json", out, out / "manifest.json", ckpt, params,
                         image_size=IMAGE_SIZE, batch_size=2, device="cpu")
+
+
+def test_checkpoint_without_the_vae_names_it_and_the_missing_tensors(tmp_path, model, shards):
+    """The VAE loads strictly (sdcore.checkpoint.StableDiffusionCheckpoint): nothing is encoded with a
+    checkpoint that lacks it, and the error names the file and the tensors."""
+    _, _, _, params = model
+    src, _ = shards
+    ckpt = tmp_path / "no_vae.ckpt"
+    torch.save({"state_dict": {"model.diffusion_model.x": torch.zeros(1)}}, ckpt)
+    out = tmp_path / "latents"
+    with pytest.raises(CheckpointError, match=r"VAE of .*no_vae\.ckpt.*missing \(\d+\): decoder\.conv_in\.bias"):
+        encode_manifest(src / "manifest.json", out, out / "manifest.json", ckpt, params,
+                        image_size=IMAGE_SIZE, batch_size=2, device="cpu")
+    assert not (out / "manifest.json").exists() and not (out / "00000.tar").exists()
 
 
 def test_iter_tar_samples_groups_by_key(tmp_path):

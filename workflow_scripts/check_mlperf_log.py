@@ -6,9 +6,9 @@ converge, e.g. the demo's tiny random models); 1 for any other failure.
 """
 
 import argparse
-import os
 import sys
 
+from sdcore.files import write_text
 from sdcore.mlperf_log import RULESET, check_log
 
 
@@ -26,11 +26,7 @@ def main() -> int:
               f"--- checker output ---\n{result.output}"
               f"--- end of checker output ---\n"
               f"verdict ({args.division} division): {result.verdict}\n")
-    tmp = args.out + ".tmp"
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(tmp, "w") as f:
-        f.write(report)
-    os.replace(tmp, args.out)
+    write_text(args.out, report)
     print(report, end="")
     return 0 if result.passed or result.only_quality_failed else 1
 

@@ -1,9 +1,9 @@
 """Write the COCO-2014 prompt subset TSV (image_id, id, caption) exactly as the reference."""
 
 import argparse
-import logging
 
 from sdcore.prep.coco import write_subset
+from sdcore.logs import setup_logging
 
 
 def main():
@@ -13,7 +13,7 @@ def main():
     parser.add_argument("--size", type=int, default=30000)
     parser.add_argument("--seed", type=int, default=2023)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     write_subset(args.annotations, args.out, args.size, args.seed)
 
 

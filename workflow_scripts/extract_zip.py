@@ -1,9 +1,9 @@
 """Extract the members of a zip under a prefix, safely and atomically (marker file last)."""
 
 import argparse
-import logging
 
 from sdcore.prep.coco import extract_zip
+from sdcore.logs import setup_logging
 
 
 def main():
@@ -14,7 +14,7 @@ def main():
     parser.add_argument("--out-dir", required=True)
     parser.add_argument("--marker", required=True, help="written after every member is in place")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     extract_zip(args.zip, args.member_prefix, args.out_dir, args.marker)
 
 

@@ -1,9 +1,9 @@
 """Aggregate the per-part licence filter reports."""
 
 import argparse
-import logging
 
 from sdcore.prep.laion import summarize_filter
+from sdcore.logs import setup_logging
 
 
 def main():
@@ -11,7 +11,7 @@ def main():
     parser.add_argument("--reports", nargs="+", required=True, help="per-part JSON reports")
     parser.add_argument("--out", required=True, help="summary JSON")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     summarize_filter(args.reports, args.out)
 
 

@@ -1,5 +1,7 @@
 """COCO-2014 validation: safe extraction, the 30k prompt subset, resized images, FID statistics.
 
+The resize and the statistics are sdcore.fid's (the reference's coco-split-resize.py and pytorch-fid).
+
 The subset follows the reference's COCO script (SPEC section 1): captions with newlines removed
 (and surrounding blanks stripped, as the reference's `x.replace('\\n', '').strip()`), a shuffle
 with `sample(frac=1, random_state=seed)`, the first caption per image, the first `size` rows,
@@ -12,12 +14,10 @@ import shutil
 import zipfile
 from pathlib import Path, PurePosixPath
 
-import numpy as np
 import pandas as pd
-import torch
-from PIL import Image
 
-from . import PrepError, atomic_output, read_json, resolve_device
+from sdcore.files import atomic_path, read_json
+from . import PrepError, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +27,6 @@ TSV_COLUMNS = ["image_id", "id", "caption"]
 def source_image_name(image_id):
     """File name of a val2014 image, as in val2014.zip."""
     return f"COCO_val2014_{int(image_id):012d}.jpg"
-
-
-def resized_image_name(image_id):
-    """File name of a resized reference image (lossless PNG)."""
-    return f"{int(image_id):012d}.png"
 
 
 def _safe_relative(zip_path, name):
@@ -61,11 +56,11 @@ def extract_zip(zip_path, member_prefix, out_dir, marker):
             # Every path is checked before anything is written.
             targets = [out_dir / _safe_relative(zip_path, m.filename[len(strip):].lstrip("/")) for m in members]
             for member, target in zip(members, targets):
-                with zf.open(member) as src, atomic_output(target) as tmp, open(tmp, "wb") as dst:
+                with zf.open(member) as src, atomic_path(target) as tmp, open(tmp, "wb") as dst:
                     shutil.copyfileobj(src, dst, 8 << 20)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as err:
         raise PrepError(f"{zip_path}: corrupt or unreadable zip: {err}") from err
-    with atomic_output(marker) as tmp:
+    with atomic_path(marker) as tmp:
         tmp.write_text(f"{len(members)} files from {Path(zip_path).name} ({member_prefix})\n")
     log.info("%s: %d members under %r extracted to %s", zip_path, len(members), member_prefix, out_dir)
     return len(members)
@@ -88,7 +83,7 @@ def write_subset(annotations_path, out_tsv, size, seed=2023):
     subset = select_prompts(data["annotations"], size, seed)
     if len(subset) < size:
         raise PrepError(f"{annotations_path}: only {len(subset)} distinct images, {size} requested")
-    with atomic_output(out_tsv) as tmp:
+    with atomic_path(out_tsv) as tmp:
         subset.to_csv(tmp, sep="\t", index=False)
     log.info("%s: %d prompts written to %s", annotations_path, len(subset), out_tsv)
     return subset
@@ -104,64 +99,51 @@ def read_subset(tsv_path):
 
 
 def _resize_one(args):
+    from sdcore.fid import FidError, resize_coco_image
+
     src, dst, size = args
     try:
-        with Image.open(src) as img:
-            resized = img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
-    except (OSError, ValueError) as err:
-        raise PrepError(f"{src}: cannot read image: {err}") from err
-    with atomic_output(dst) as tmp:
-        resized.save(tmp, format="PNG")
+        resize_coco_image(src, dst, (size, size))
+    except FidError as error:  # a missing or undecodable source image, named in the message
+        raise PrepError(str(error)) from error
 
 
 def resize_images(tsv_path, images_dir, out_dir, size, marker, workers=1):
-    """Resize the subset's images to size x size bicubic (aspect not kept) as PNGs; marker last."""
+    """Resize the subset's images as the reference's coco-split-resize.py (size x size bicubic, aspect
+    not kept, the original .jpg name, so JPEG at PIL's default quality); marker last."""
+    from sdcore.logs import ProgressLog
+
     Path(marker).unlink(missing_ok=True)
     image_ids = read_subset(tsv_path)["image_id"].tolist()
-    jobs = [(Path(images_dir) / source_image_name(i), Path(out_dir) / resized_image_name(i), size)
-            for i in image_ids]
+    jobs = [(Path(images_dir) / source_image_name(i), Path(out_dir) / source_image_name(i), size) for i in image_ids]
     Path(out_dir).mkdir(parents=True, exist_ok=True)
+    progress = ProgressLog("resize", len(jobs), "images")
     if workers > 1:
         with concurrent.futures.ProcessPoolExecutor(workers) as pool:
-            list(pool.map(_resize_one, jobs, chunksize=64))
+            for _ in pool.map(_resize_one, jobs, chunksize=64):
+                progress.update()
     else:
         for job in jobs:
             _resize_one(job)
-    with atomic_output(marker) as tmp:
+            progress.update()
+    with atomic_path(marker) as tmp:
         tmp.write_text(f"{len(jobs)} images at {size}x{size}\n")
     log.info("%d images resized to %dx%d in %s", len(jobs), size, size, out_dir)
     return len(jobs)
 
 
-def _load_uint8(path):
+def fid_stats(images_dir, tsv_path, inception, out_npz, batch_size=50, device="auto"):
+    """Save ``mu`` and ``sigma`` of the resized images' Inception features, read as pytorch-fid reads
+    image files (sdcore.fid), in TSV order."""
+    from sdcore.fid import FidError, InceptionV3Features, gaussian_stats, image_file_features, save_stats
+
+    extractor = InceptionV3Features(inception, resolve_device(device))
+    paths = [Path(images_dir) / source_image_name(i) for i in read_subset(tsv_path)["image_id"]]
     try:
-        with Image.open(path) as img:
-            return torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1)
-    except (OSError, ValueError) as err:
-        raise PrepError(f"{path}: cannot read image: {err}") from err
-
-
-def subset_features(images_dir, tsv_path, inception, batch_size=64, device="auto"):
-    """Inception pool3 features (N, 2048) of the subset's resized images, in TSV order."""
-    from sdcore.metrics import inception_features, load_inception
-
-    extractor = load_inception(inception, resolve_device(device))
-    paths = [Path(images_dir) / resized_image_name(i) for i in read_subset(tsv_path)["image_id"]]
-    features = []
-    for start in range(0, len(paths), batch_size):
-        batch = torch.stack([_load_uint8(p) for p in paths[start:start + batch_size]])
-        features.append(inception_features(extractor, batch))
-        log.info("inception features: %d / %d", min(start + batch_size, len(paths)), len(paths))
-    return np.concatenate(features)
-
-
-def fid_stats(images_dir, tsv_path, inception, out_npz, batch_size=64, device="auto"):
-    """Save `mu` and `sigma = np.cov(act, rowvar=False)` of the subset's Inception features."""
-    from sdcore.metrics import gaussian_stats
-
-    features = subset_features(images_dir, tsv_path, inception, batch_size, device)
+        features = image_file_features(paths, extractor, batch_size)
+    except FidError as error:  # an unreadable image, or one of another size, named in the message
+        raise PrepError(str(error)) from error
     mu, sigma = gaussian_stats(features)
-    with atomic_output(out_npz) as tmp, open(tmp, "wb") as f:
-        np.savez(f, mu=mu, sigma=sigma)
+    save_stats(out_npz, mu, sigma)
     log.info("FID statistics of %d images written to %s", len(features), out_npz)
     return mu, sigma

@@ -17,7 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import PrepError, atomic_output, read_json, write_json
+from sdcore.files import atomic_path, read_json, write_json
+from . import PrepError
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def filter_part(in_path, out_path, report_path, mode="reference"):
     table = read_parquet(in_path)
     _require_columns(in_path, table, ["LICENSE"])
     kept = table.filter(licence_mask(table["LICENSE"], mode))
-    with atomic_output(out_path) as tmp:
+    with atomic_path(out_path) as tmp:
         pq.write_table(kept, tmp)
     report = {
         "file": Path(in_path).name,

@@ -24,7 +24,10 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from . import PrepError, atomic_output, read_json, resolve_device, write_json
+from sdcore.autoencoder import SCALE_FACTOR
+from sdcore.checkpoint import StableDiffusionCheckpoint
+from sdcore.files import atomic_path, read_json, write_json
+from . import PrepError, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +42,6 @@ def reference_transform(image_size, antialias=False):
         transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BICUBIC, antialias=antialias),
         transforms.CenterCrop(image_size),
     ])
-
-
-def load_vae(checkpoint, first_stage_params, device="cpu"):
-    """The frozen AutoencoderKL from a SD checkpoint's `first_stage_model.*` tensors (strict)."""
-    from sdcore.autoencoder import AutoencoderKL
-    from sdcore.checkpoint import VAE_PREFIX, load_part, load_state_dict_file
-
-    vae = AutoencoderKL(ddconfig=first_stage_params["ddconfig"], embed_dim=first_stage_params["embed_dim"])
-    load_part(vae, load_state_dict_file(checkpoint), VAE_PREFIX, "VAE")
-    return vae.to(device).eval().requires_grad_(False)
 
 
 def iter_tar_samples(path):
@@ -131,7 +124,7 @@ def encode_shard(in_tar, out_tar, vae, transform, batch_size, device, workers=1)
     skipped = {}
     samples_in = encoded = 0
     with (concurrent.futures.ThreadPoolExecutor(workers) as pool,
-          atomic_output(out_tar) as tmp, tarfile.open(tmp, "w") as out):
+          atomic_path(out_tar) as tmp, tarfile.open(tmp, "w") as out):
         for chunk in _chunks(iter_tar_samples(in_tar), batch_size):
             samples_in += len(chunk)
             decoded = []
@@ -189,7 +182,8 @@ def encode_manifest(manifest_path, out_dir, out_manifest, checkpoint, first_stag
             log.info("%s: already encoded, kept", out_tar)
         else:
             if vae is None:
-                vae = load_vae(checkpoint, first_stage_params, device)
+                # moments() does not use the scale factor
+                vae = StableDiffusionCheckpoint(checkpoint).vae(first_stage_params, SCALE_FACTOR).to(device)
             start = time.monotonic()
             report = encode_shard(in_tar, out_tar, vae, transform, batch_size, device, workers)
             elapsed = time.monotonic() - start

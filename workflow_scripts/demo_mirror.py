@@ -1,5 +1,7 @@
 """The demo mirror: a tiny, deterministic stand-in for every external input of the benchmark.
 
+    python workflow_scripts/demo_mirror.py --out demo/mirror --seed 2023 --config MIRROR_SLICE.yaml   (rule demo_mirror)
+
 The real pipeline downloads LAION parquet parts, fetches their images by URL, reads the COCO-2014
 archives and loads three published checkpoints. The demo points those same sources at a local
 directory written here from nothing but a seed, in the same file formats, so every rule runs
@@ -29,13 +31,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from PIL import Image, ImageDraw
-from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
 import sdcore.text_encoder  # noqa: F401  (registers the tiny OpenCLIP configs with open_clip)
 from sdcore.autoencoder import AutoencoderKL
+from sdcore.fid import InceptionV3Features, gaussian_stats, image_file_features, resize_coco_image
+from sdcore.prep.coco import select_prompts, source_image_name
+from sdcore.prep.published import write_published_mirror
 from sdcore.unet import UNetModel
 
-from . import atomic_output
+from sdcore.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +51,7 @@ CORRUPT_IMAGE_ROWS_PER_PART = 6
 COCO_IMAGES = 48
 
 SD_CHECKPOINT = "checkpoints/512-base-ema.ckpt"
-INCEPTION_CHECKPOINT = "checkpoints/weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's name
+INCEPTION_CHECKPOINT = "checkpoints/pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid's name
 CLIP_CHECKPOINT = "checkpoints/open_clip_pytorch_model.bin"
 MANIFEST = "MANIFEST.json"
 
@@ -431,44 +435,32 @@ def sd_checkpoint_state(model_params, text_state, seed):
     return state
 
 
-class _InceptionWithoutPretrainedWeights(FeatureExtractorInceptionV3):
-    """torch-fidelity's Inception-v3 whose constructor skips loading weights.
-
-    Its constructor either downloads the published weights or loads a file in exactly its own
-    layout; overriding load_state_dict lets it be built offline from an empty state dict, so the
-    random weights saved from it have exactly the names and shapes torch-fidelity expects.
-    """
-
-    def load_state_dict(self, state_dict, strict=True, assign=False):
-        return None
-
-
 def inception_state(calibration_images, seed):
-    """A random state dict for torch-fidelity's Inception-v3 whose 2048-d features stay informative.
+    """A random state dict for the FID Inception-v3 (pytorch-fid's layout) whose 2048-d features stay
+    informative.
 
     Convolutions get He initialisation; each BatchNorm's running statistics are then set from one
-    pass over `calibration_images` (uint8, N x 3 x H x W), so every layer sees unit-scale inputs
-    and the pool features neither vanish nor overflow after ~50 layers.
+    pass over `calibration_images` (float in [0, 1], N x 3 x H x W), so every layer sees unit-scale
+    inputs and the pool features neither vanish nor overflow after ~50 layers.
     """
     with _torch_seeded(seed):
-        net = _InceptionWithoutPretrainedWeights(
-            "inception-v3-compat", ["2048"], feature_extractor_weights_path=io.BytesIO(_torch_bytes({}))
-        )
+        net = InceptionV3Features(None)
         for module in net.modules():
             if isinstance(module, torch.nn.Conv2d):
                 torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
             elif isinstance(module, torch.nn.BatchNorm2d):
                 module.reset_running_stats()
                 module.momentum = None  # running stats = exact statistics of the calibration pass
-    net.train()
+    torch.nn.Module.train(net, True)  # the extractor keeps itself in eval mode; calibrate in train mode
     with torch.no_grad(), _single_thread():
         net(calibration_images)
-    return net.eval().state_dict()
+    torch.nn.Module.train(net, False)
+    return net.state_dict()
 
 
 def _calibration_images(rng, count=4, size=96):
     images = [np.asarray(draw_scene(random_scene(rng, size, size))) for _ in range(count)]
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(255)
 
 
 def checkpoint_files(config, rng):
@@ -491,17 +483,50 @@ def checkpoint_files(config, rng):
 
 
 def _write(out_dir, relative, data, manifest):
-    with atomic_output(out_dir / relative) as tmp:
+    with atomic_path(out_dir / relative) as tmp:
         tmp.write_bytes(data)
     manifest[relative] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+def published_layout(out_dir, files, config, laion_captions, seed):
+    """The mirror's stand-in for the dataset MLCommons publishes (data_source: published), under
+    `out_dir`: moment shards with the LAION parts' captions, the COCO prompt subset of the mirror's
+    annotations, and its FID statistics, made the reference's way from the mirror's COCO images and
+    Inception weights. Returns {relative path: bytes} of what it wrote."""
+    import tempfile
+
+    subset = config["coco"]["subset"]
+    with zipfile.ZipFile(io.BytesIO(files["coco/annotations_trainval2014.zip"])) as zf:
+        annotations = json.loads(zf.read("annotations/captions_val2014.json"))["annotations"]
+    prompts = select_prompts(annotations, subset["size"], subset["seed"])
+    size = config["coco"]["image_size"]
+    with tempfile.TemporaryDirectory() as tmp, _single_thread():
+        tmp = Path(tmp)
+        weights = tmp / "inception.pth"
+        weights.write_bytes(files[INCEPTION_CHECKPOINT])
+        with zipfile.ZipFile(io.BytesIO(files["coco/val2014.zip"])) as zf:
+            zf.extractall(tmp)
+        resized = []
+        for image_id in prompts["image_id"]:
+            resized.append(tmp / "resized" / source_image_name(image_id))
+            resize_coco_image(tmp / "val2014" / source_image_name(image_id), resized[-1], (size, size))
+        mu, sigma = gaussian_stats(image_file_features(resized, InceptionV3Features(weights)))
+    shards, latent = config["published"]["moments"]["shards"], config["model"]["params"]["image_size"]
+    per_shard = config["demo_mirror"]["published_samples_per_shard"]
+    captions = [[laion_captions[(shard * per_shard + i) % len(laion_captions)] for i in range(per_shard)]
+                for shard in range(shards)]
+    mirror = write_published_mirror(out_dir, prompts.to_csv(sep="\t", index=False), {"mu": mu, "sigma": sigma},
+                                    shards=shards, samples_per_shard=per_shard, latent_size=(latent, latent),
+                                    seed=seed, captions=captions)
+    return {relative: (mirror.root / relative).read_bytes() for relative in mirror.files}
 
 
 def make_mirror(out_dir, seed, config):
     """Write the whole mirror under `out_dir`; return the manifest written to MANIFEST.json.
 
-    `config` is the merged pipeline config: the checkpoints are built for its `model.params` and
-    `checkpoints.clip.arch`. A previous mirror in `out_dir` is replaced, its manifest first, so an
-    interrupted run never looks complete.
+    `config` is the merged pipeline config (its mirror slice): the checkpoints are built for its
+    `model.params` and `checkpoints.clip.arch`. A previous mirror in `out_dir` is replaced, its
+    manifest first, so an interrupted run never looks complete.
     """
     out_dir = Path(out_dir).resolve()
     (out_dir / MANIFEST).unlink(missing_ok=True)
@@ -510,11 +535,13 @@ def make_mirror(out_dir, seed, config):
     streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(len(LAION_PARTS) + 2)]
     files = {}
     counts = {"laion": {}}
+    captions = []
     for index, part in enumerate(LAION_PARTS):
         parquet, images, part_counts = laion_part(streams[index], index, images_dir)
         files[f"laion/{part}"] = parquet
         files.update({f"laion/images/{name}": data for name, data in images.items()})
         counts["laion"][part] = part_counts
+        captions += pq.read_table(pa.BufferReader(parquet), columns=["TEXT"])["TEXT"].to_pylist()
     val_zip, annotations_zip, counts["coco"] = coco_archives(streams[len(LAION_PARTS)])
     files["coco/val2014.zip"] = val_zip
     files["coco/annotations_trainval2014.zip"] = annotations_zip
@@ -523,8 +550,38 @@ def make_mirror(out_dir, seed, config):
     manifest_files = {}
     for relative in sorted(files):
         _write(out_dir, relative, files[relative], manifest_files)
+    log.info("building the published layout")
+    for relative, data in published_layout(out_dir / "published", files, config, captions, seed).items():
+        manifest_files[f"published/{relative}"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    counts["published"] = {"shards": config["published"]["moments"]["shards"],
+                           "samples_per_shard": config["demo_mirror"]["published_samples_per_shard"]}
     manifest = {"seed": seed, "counts": counts, "files": manifest_files}
-    with atomic_output(out_dir / MANIFEST) as tmp:
+    with atomic_path(out_dir / MANIFEST) as tmp:
         tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     log.info("wrote %d files under %s", len(manifest_files), out_dir)
     return manifest
+
+
+def main():
+    import argparse
+    import time
+
+    import yaml
+
+    from sdcore.logs import setup_logging
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="mirror directory; MANIFEST.json is written there last")
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--config", required=True, help="the mirror's config slice (model.params, checkpoints.clip.arch, ...)")
+    args = parser.parse_args()
+    setup_logging()
+    with open(args.config) as f:
+        config = yaml.safe_load(f)
+    start = time.perf_counter()
+    manifest = make_mirror(args.out, args.seed, config)
+    log.info("mirror of %d files in %.1f s: %s", len(manifest["files"]), time.perf_counter() - start, manifest["counts"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,9 +1,9 @@
 """Download the images of one filtered LAION part with img2dataset (reference parameters)."""
 
 import argparse
-import logging
 
 from sdcore.prep.laion import fetch_images
+from sdcore.logs import setup_logging
 
 
 def main():
@@ -19,7 +19,7 @@ def main():
     parser.add_argument("--timeout", type=float, default=10, help="per-URL timeout in seconds")
     parser.add_argument("--retries", type=int, default=0, help="retries per URL")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     fetch_images(args.inp, args.out_dir, args.manifest, args.processes, args.threads, args.samples_per_shard,
                  args.min_success_rate, args.timeout, args.retries)
 

@@ -1,11 +1,11 @@
 """Encode image shards into VAE moment shards (<key>.npy, (8, s/8, s/8) float32)."""
 
 import argparse
-import logging
 
 import yaml
 
 from sdcore.prep.latents import encode_manifest
+from sdcore.logs import setup_logging
 
 
 def main():
@@ -23,7 +23,7 @@ def main():
     parser.add_argument("--antialias", action="store_true",
                         help="antialiased bicubic resize (the reference's torchvision did not antialias tensors)")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     with open(args.config) as f:
         first_stage = yaml.safe_load(f)["model"]["params"]["first_stage_config"]["params"]
     encode_manifest(args.manifest, args.out_dir, args.out_manifest, args.checkpoint, first_stage,

@@ -1,9 +1,10 @@
-"""Resize the subset's COCO images to size x size bicubic PNGs (aspect not kept)."""
+"""Resize the subset's COCO images as the reference's coco-split-resize.py: size x size bicubic, aspect not
+kept, JPEG under the original names."""
 
 import argparse
-import logging
 
 from sdcore.prep.coco import resize_images
+from sdcore.logs import setup_logging
 
 
 def main():
@@ -15,7 +16,7 @@ def main():
     parser.add_argument("--marker", required=True, help="written after every image is in place")
     parser.add_argument("--workers", type=int, default=1, help="resizing processes")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     resize_images(args.tsv, args.images_dir, args.out_dir, args.size, args.marker, args.workers)
 
 

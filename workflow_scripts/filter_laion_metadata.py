@@ -1,9 +1,9 @@
 """Filter one LAION metadata part by licence and write a JSON report."""
 
 import argparse
-import logging
 
 from sdcore.prep.laion import FILTER_MODES, filter_part
+from sdcore.logs import setup_logging
 
 
 def main():
@@ -14,7 +14,7 @@ def main():
     parser.add_argument("--mode", choices=FILTER_MODES, default="reference",
                         help="reference: LICENSE != '?' (the reference); cc-by: creativecommons.org/licenses/by/ only")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     filter_part(args.inp, args.out, args.report, args.mode)
 
 

@@ -1,0 +1,115 @@
+"""Speed paths of the evaluation (``eval.fast_paths``, sdcore.evaluate.EvalFastPaths) against the faithful path.
+
+Tolerances, each stated with why:
+* sdpa attention while sampling: a fused kernel that sums q k^T and the softmax in another order; after 10
+  guided DDIM steps the float images agree to IMAGE_ATOL (of the [0, 1] range), a uint8 level is 1/255;
+* fast Inception (BatchNorm folded into the convolutions, channels-last): the same affine maps rounded once
+  fewer; the pool3 features agree to FEATURE_RTOL of their largest value;
+* the whole evaluation with every speed path: FID within FID_RTOL relative and CLIP within CLIP_ATOL of the
+  faithful evaluation (the images may move by a uint8 level in a few pixels, as in tests/test_evaluate.py).
+Tiny models throughout (the golden UNet and VAE, sdcore-tiny-clip, a calibrated random Inception), one thread.
+"""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from prep_helpers import TINY_CLIP_ARCH, golden_unet_state, tiny_clip_weights, tiny_model_params, tiny_sd_checkpoint
+from sdcore.attention import CrossAttention
+from sdcore.evaluate import EvalFastPaths, EvalInputs, Evaluator, ImageGenerator, initial_latents
+from sdcore.fid import InceptionV3Features, gaussian_stats
+from sdcore.unet import UNetModel
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "workflow_scripts"))
+from demo_mirror import inception_state  # noqa: E402
+
+IMAGE_ATOL = 1e-4
+FEATURE_RTOL = 1e-5
+FID_RTOL = 1e-3
+CLIP_ATOL = 1e-4
+DDIM_STEPS = 10
+PROMPTS = ["a red circle on a blue square", "two green triangles", "a cat on a sofa", "a yellow bus in the rain"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def config(fast_paths=None) -> dict:
+    cfg = {"model": {"params": tiny_model_params()}, "checkpoints": {"clip": {"arch": TINY_CLIP_ARCH}},
+           "eval": {"num_prompts": len(PROMPTS), "batch_size": 2, "precision": "fp32", "ddim_steps": DDIM_STEPS,
+                    "eta": 0.0, "guidance_scale": 8.0, "fid_target": 90.0, "clip_target": 0.15, "sample_grid": 0}}
+    if fast_paths is not None:
+        cfg["eval"]["fast_paths"] = fast_paths
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("eval_speed")
+    rows = [f"{1000 + i}\t{i}\t{caption}" for i, caption in enumerate(PROMPTS)]
+    (root / "prompts.tsv").write_text("image_id\tid\tcaption\n" + "\n".join(rows) + "\n")
+    files = EvalInputs(prompts=root / "prompts.tsv", fid_stats=root / "stats.npz", inception=root / "inception.pth",
+                       clip=tiny_clip_weights(root / "clip.bin"), sd_checkpoint=tiny_sd_checkpoint(root / "sd.ckpt"))
+    generator = ImageGenerator(config()["model"]["params"], files.sd_checkpoint, "cpu", ddim_steps=DDIM_STEPS)
+    coco = generator.generate(unet(), ["a dog on a lawn"] * 6, initial_latents(range(6), generator.latent_shape, 7))
+    torch.save(inception_state(coco[:4], seed=0), files.inception)
+    mu, sigma = gaussian_stats(InceptionV3Features(files.inception)(coco))
+    np.savez_compressed(files.fid_stats, mu=mu, sigma=sigma)
+    return files
+
+
+def unet() -> UNetModel:
+    model = UNetModel(**tiny_model_params()["unet_config"]["params"])
+    model.load_state_dict(golden_unet_state(), strict=True)
+    return model.eval().requires_grad_(False)
+
+
+def test_sdpa_sampling_gives_the_images_of_math_attention_and_restores_the_unet(inputs):
+    faithful = ImageGenerator(config()["model"]["params"], inputs.sd_checkpoint, "cpu", ddim_steps=DDIM_STEPS)
+    fast = ImageGenerator(config()["model"]["params"], inputs.sd_checkpoint, "cpu", ddim_steps=DDIM_STEPS,
+                          fast_paths={"attention": "sdpa"})
+    model = unet()
+    x_T = initial_latents(range(len(PROMPTS)), faithful.latent_shape, 0)
+    reference = faithful.generate(model, PROMPTS, x_T)
+    images = fast.generate(model, PROMPTS, x_T)
+    assert (images - reference).abs().max().item() <= IMAGE_ATOL
+    assert not torch.equal(images, reference)  # the other kernel did run
+    assert {m.attention_backend for m in model.modules() if isinstance(m, CrossAttention)} == {"math"}
+
+
+def test_fast_inception_gives_the_features_of_the_faithful_network(inputs):
+    images = torch.rand(5, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    reference = InceptionV3Features(inputs.inception)(images)
+    fast = InceptionV3Features(inputs.inception).speed_up_()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    features = fast(images)
+    error = ((features - reference).abs().max() / reference.abs().max()).item()
+    assert error <= FEATURE_RTOL, f"features differ by {error:.2e} of their largest value"
+
+
+def test_evaluation_with_every_speed_path_scores_like_the_faithful_one(inputs):
+    model = unet()
+    faithful = Evaluator(config(), inputs, "cpu").evaluate(model, samples_seen=8, seed=3)
+    fast = Evaluator(config({"attention": "sdpa", "fast_inception": True}), inputs, "cpu").evaluate(
+        model, samples_seen=8, seed=3)
+    assert abs(fast["fid"] - faithful["fid"]) <= FID_RTOL * faithful["fid"]
+    assert abs(fast["clip"] - faithful["clip"]) <= CLIP_ATOL
+
+
+def test_eval_fast_paths_config():
+    assert EvalFastPaths.from_config(None) == EvalFastPaths() == EvalFastPaths(attention=None, fast_inception=False)
+    assert EvalFastPaths.from_config({"attention": "sdpa"}).attention == "sdpa"
+    with pytest.raises(ValueError, match="attention"):
+        EvalFastPaths.from_config({"attention": "flash"})
+    with pytest.raises(ValueError, match="unknown key"):
+        EvalFastPaths.from_config({"channels_last": True})
