@@ -243,16 +243,18 @@ def compare_with_diffusers(config: dict, inputs: EvalInputs, state: dict, unet, 
     ours = sdcore_generate(unet, vae, schedule, x_T, cond, uncond, steps, guidance)
     theirs = diffusers_generate(d_unet, d_vae, scheduler, x_T, cond, uncond, steps, guidance)
     difference = (ours - theirs).abs().max().item()
+    del ours, theirs
     print(f"  agreement: sdcore vs diffusers images, {steps} DDIM steps, max abs difference {difference:.2e} "
           f"(required < {AGREEMENT_ATOL:g}; pixel range [0, 1])")
     if not difference < AGREEMENT_ATOL:
         raise SystemExit("sdcore and diffusers disagree: the conversion or the sampler differs; not timing")
-    def ours(backend):
+
+    def sdcore_with(backend):
         with attention_backend(unet, backend):
             return sdcore_generate(unet, vae, schedule, x_T, cond, uncond, steps, guidance)
 
-    contenders = {"sdcore faithful (math attention)": lambda: ours("math"),
-                  "sdcore eval.fast_paths.attention sdpa": lambda: ours("sdpa"),
+    contenders = {"sdcore faithful (math attention)": lambda: sdcore_with("math"),
+                  "sdcore eval.fast_paths.attention sdpa": lambda: sdcore_with("sdpa"),
                   "diffusers": lambda: diffusers_generate(d_unet, d_vae, scheduler, x_T, cond, uncond, steps, guidance)}
     best = {name: float("inf") for name in contenders}
     for _ in range(repeats):
@@ -260,7 +262,7 @@ def compare_with_diffusers(config: dict, inputs: EvalInputs, state: dict, unet, 
             start = time.perf_counter()
             fn()
             best[name] = min(best[name], time.perf_counter() - start)
-    del d_unet, d_vae
+    contenders.clear()
     gc.collect()
     return best
 

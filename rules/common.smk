@@ -108,6 +108,7 @@ RUN_INDICES = list(range(config["submission"]["runs"]))
 # key does not make their (expensive) outputs out of date. The nesting of config is kept.
 CONFIG_SLICES = {
     "vae": ["model.params.first_stage_config", "model.params.scale_factor"],
+    "text": ["model.params.cond_stage_config", "train.precision", "train.batch_size"],
     "mirror": ["model.params", "checkpoints.clip.arch", "coco.subset", "coco.image_size", "published.moments.shards",
                "demo_mirror.published_samples_per_shard"],
 }
@@ -179,6 +180,15 @@ def fid_stats_file():
 
 def latent_index():
     return f"{PUBLISHED}/laion400m/moments.json" if SOURCE == "published" else f"{LAION}/latents.json"
+
+
+PRECOMPUTED_TEXT = config["train"]["text_embeddings"] == "precomputed"
+
+
+def text_embeddings_index():
+    """The precomputed contexts, one store per precision and per-rank batch (what bitwise equality needs)."""
+    train = config["train"]
+    return f"{DATA}/text_embeddings/{SOURCE}_{train['precision']}_bs{train['batch_size']}/embeddings.json"
 
 
 def eval_inputs():

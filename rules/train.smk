@@ -31,13 +31,16 @@ rule train_model:
         config=f"{RUN_DIR}/train_config.yaml",
         latents=latent_index(),
         **(eval_inputs() if INLINE else verified_checkpoint("sd")),
+        **({"text_embeddings": text_embeddings_index()} if PRECOMPUTED_TEXT else {}),
     output:
         f"{RUN_DIR}/train/summary.json",
     params:
         script=script("train.py"),
         run_dir=lambda wildcards, output: os.path.dirname(os.path.dirname(output[0])),
         launch=launcher(config["launch"]),
-        inputs=lambda wildcards, input: (EVAL_FLAGS if INLINE else "--sd-checkpoint {input.sd}").format(input=input),
+        inputs=lambda wildcards, input: ((EVAL_FLAGS if INLINE else "--sd-checkpoint {input.sd}")
+                                         + (" --text-embeddings {input.text_embeddings}" if PRECOMPUTED_TEXT else "")
+                                         ).format(input=input),
     log:
         f"{LOGS}/train/{{run}}.log",
     benchmark:
@@ -50,6 +53,33 @@ rule train_model:
     shell:
         "{params.launch} {params.script} --config {input.config} --run-dir {params.run_dir}"
         " --latents {input.latents} {params.inputs} > {log} 2>&1"
+
+
+rule encode_text_embeddings:
+    """Every caption of the training set encoded once by the frozen text encoder (train.text_embeddings:
+    precomputed), so training skips the 354 M-parameter tower: one <shard>.ctx.safetensors per shard
+    beside the index, at the training's precision and per-rank batch, bitwise what online encoding gives."""
+    input:
+        latents=latent_index(),
+        config=f"{DATA}/config/text.yaml",
+        **verified_checkpoint("sd"),
+    output:
+        text_embeddings_index(),
+    params:
+        script=script("encode_text_embeddings.py"),
+        device=config["laion"]["latents"]["device"],
+    log:
+        f"{LOGS}/text_embeddings.log",
+    benchmark:
+        f"{BENCH}/text_embeddings.tsv"
+    threads: 4
+    resources:
+        mem_mb=16000,
+    conda:
+        ENV
+    shell:
+        "python {params.script} --latents {input.latents} --sd-checkpoint {input.sd} --config {input.config}"
+        " --out {output} --device {params.device} > {log} 2>&1"
 
 
 rule evaluate:

@@ -7,8 +7,8 @@ is killed, only a hidden ``.<name>.<pid>.tmp<suffix>`` remains, which no reader 
 output (the trainer removes those of its run directory when it starts again). A full disk or any
 other write error names the destination: an ``OSError`` "cannot write <path>: <reason>", also when
 the writer is a library that reports the system error in its own exception type (safetensors'
-``SafetensorError: ... No space left on device (os error 28)``); other errors of a writer get a
-note naming the destination.
+``SafetensorError: ... No space left on device (os error 28)``) or raises another error while
+handling it (torch.save's zip writer); other errors of a writer get a note naming the destination.
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ def atomic_path(path):
     except Exception as error:
         code = _system_error(error)
         if code is not None:
-            raise OSError(code, f"cannot write {path}: {os.strerror(code)} ({error})") from error
+            raise OSError(code, f"cannot write {path}: {os.strerror(code)} ({type(error).__name__}: {error})") \
+                from error
         error.add_note(f"(while writing {path})")
         raise
     finally:
@@ -72,13 +73,20 @@ def atomic_path(path):
 _OS_ERROR = re.compile(r"\(os error (\d+)\)|\[Errno (\d+)\]")
 
 
-def _system_error(error: Exception) -> int | None:
-    """The errno a library's own exception reports (Rust's "(os error 28)", Python's "[Errno 28]")."""
-    match = _OS_ERROR.search(str(error))
-    if match is None:
-        return None
-    code = int(match.group(1) or match.group(2))
-    return code if code in errno_codes.errorcode else None
+def _system_error(error: BaseException) -> int | None:
+    """The errno behind a library's own exception: one it reports in its message (Rust's "(os error
+    28)", Python's "[Errno 28]"), or an OSError it was raised while handling (torch.save's zip writer
+    on a full disk raises "unexpected pos" while closing, with the ENOSPC as its context)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in errno_codes.errorcode:
+            return error.errno
+        match = _OS_ERROR.search(str(error))
+        if match is not None and int(match.group(1) or match.group(2)) in errno_codes.errorcode:
+            return int(match.group(1) or match.group(2))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def write_text(path, text: str) -> None:

@@ -221,16 +221,20 @@ def _log_values(path: str) -> dict:
 
 
 def system_description(config: SubmissionConfig) -> tuple[dict, list[str]]:
-    """The systems/<system>.json content, and which fields got a default value."""
+    """The systems/<system>.json content, and which fields got a default value.
+
+    Every value is a string, as in the published submissions: the system description checker joins
+    some of them with ``",".join`` and crashes on a number (YAML reads ``number_of_nodes: 1`` as one).
+    """
     desc, defaulted = {}, []
     for name in SYSTEM_DESC_FIELDS:
         if name in config.system:
-            desc[name] = config.system[name]
+            desc[name] = str(config.system[name])
         else:
             desc[name] = NUMERIC_DEFAULTS.get(name, "")
             defaulted.append(name)
     for name in config.system:
-        desc.setdefault(name, config.system[name])
+        desc.setdefault(name, str(config.system[name]))
     for name, value in (("submitter", config.submitter), ("division", config.division),
                         ("status", config.status), ("system_name", config.system_name)):
         if name in config.system and config.system[name] != value:
@@ -439,7 +443,8 @@ def check_submission(package_dir: str | os.PathLike, system_name: str, reports_d
     the target) are results, returned and reported, not exceptions. Each tool's output goes to
     ``reports_dir`` (package_checker.log, rcp_checker.log, summary*.csv/json, report.txt).
     """
-    package_dir, reports_dir = os.fspath(package_dir), os.fspath(reports_dir)
+    # absolute: the tools run with the reports folder as their working directory
+    package_dir, reports_dir = os.path.abspath(package_dir), os.path.abspath(reports_dir)
     os.makedirs(reports_dir, exist_ok=True)
     benchmark_dir = os.path.join(package_dir, "results", system_name, BENCHMARK)
     check = SubmissionCheck(layout, run_package_checker(package_dir, reports_dir, ruleset),

@@ -220,6 +220,33 @@ def test_sd_checkpoint_loads_strictly_into_the_configured_tiny_models(mirror, co
     checkpoint.text_encoder(params["cond_stage_config"]["params"])
 
 
+def test_sd_checkpoint_vae_is_an_autoencoder_of_the_scenes(mirror, config):
+    """Not random: through the pipeline's path (the latent job's preprocessing in [0, 1], moments, a latent drawn
+    x scale_factor, decode_latents) fresh scenes come back with their colours where they were drawn (a random
+    VAE: L1 ~0.5), in SD's [-1, 1] as well, and the latents have about unit scale, as SD's do."""
+    from sdcore.autoencoder import sample_from_moments
+    from sdcore.prep.latents import reference_transform
+
+    params = config["model"]["params"]
+    first_stage = params["first_stage_config"]["params"]
+    vae = StableDiffusionCheckpoint(mirror / demo_mirror.SD_CHECKPOINT).vae(first_stage, params["scale_factor"])
+    rng = np.random.default_rng(0)
+    transform = reference_transform(first_stage["ddconfig"]["resolution"])
+    images = torch.stack([transform(draw_scene(demo_mirror.random_scene(rng, *demo_mirror._random_size(rng))))
+                          for _ in range(12)])
+    with torch.no_grad():
+        latents = sample_from_moments(vae.moments(images), params["scale_factor"], torch.Generator().manual_seed(0))
+        decoded = vae.decode_latents(latents)
+        sd_range = 2 * images - 1
+        sd_decoded = vae.decode(vae.moments(sd_range)[:, :first_stage["embed_dim"]])
+    assert 0.7 < latents.std().item() < 1.4
+    assert latents.shape[1:] == (4, 8, 8)
+    assert (decoded - images).abs().mean().item() < 0.06
+    assert (sd_decoded - sd_range).abs().mean().item() < 0.13
+    corner = (slice(None), slice(None), slice(2, 10), slice(2, 10))  # background in these scenes
+    assert (decoded[corner].mean((2, 3)) - images[corner].mean((2, 3))).abs().max().item() < 0.08
+
+
 def pytorch_fid_inception(weights):
     """pytorch-fid's own InceptionV3 (FID variant, pool3), its weight download replaced by ``weights``."""
     import pytorch_fid.inception as pf_inception

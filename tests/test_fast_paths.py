@@ -180,3 +180,81 @@ def test_persistent_weight_casts_equal_autocast_bitwise(golden):
         persistent.zero_grad(set_to_none=False)
     cast_names = runnable["persistent"].cast_params
     assert cast_names and all("norm" not in n for n in cast_names)
+
+
+# ---- memory formats and the recommended fast paths ------------------------------------------------
+
+def _layouts_of_convolution_inputs(model, inputs):
+    """(module name, input is channels-last-but-not-contiguous) for every convolution call of a forward pass."""
+    seen = []
+    hooks = [module.register_forward_pre_hook(
+        lambda mod, args, name=name: seen.append((name, not args[0].is_contiguous())))
+        for name, module in model.named_modules() if isinstance(module, torch.nn.Conv2d)]
+    with torch.no_grad():
+        model(*inputs)
+    for hook in hooks:
+        hook.remove()
+    return seen
+
+
+@pytest.mark.parametrize("fast_paths", [FastPaths(), FastPaths(attention="sdpa", conv_gemm_max_pixels=ALL_MAPS),
+                                        FastPaths(attention="sdpa", conv_gemm_max_pixels=16)],
+                         ids=["eager", "sdpa+conv_gemm", "recommended_cpu_fp32"])
+def test_contiguous_model_keeps_every_activation_contiguous(golden, fast_paths):
+    """A contiguous (NCHW) model must feed every convolution a contiguous input: a channels-last
+    activation (the spatial transformer's permuted output, the GEMM convolution's pixel-major result)
+    against contiguous weights makes oneDNN re-lay the weight out on every call (measured: 17 s of a
+    47 s full-size training step on a 2-core Xeon)."""
+    model = fast_paths.apply(golden_unet(golden))
+    strided = [name for name, channels_last in _layouts_of_convolution_inputs(model, golden_inputs(golden))
+               if channels_last]
+    assert not strided, f"channels-last inputs to contiguous convolutions: {strided[:5]}"
+
+
+def test_channels_last_model_stays_channels_last(golden):
+    """The other side of the same rule: under channels_last no activation goes back to NCHW (no copies)."""
+    model = FastPaths(channels_last=True, conv_gemm_max_pixels=16).apply(golden_unet(golden))
+    x, t, context = golden_inputs(golden)
+    layouts = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args: layouts.append(
+        args[0].is_contiguous(memory_format=torch.channels_last)))
+        for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        model(x.contiguous(memory_format=torch.channels_last), t, context)
+    for hook in hooks:
+        hook.remove()
+    assert all(layouts)
+
+
+def test_recommended_cpu_fp32_path_matches_eager(golden, eager_fp32):
+    from sdcore.precision import recommend_fast_paths
+
+    fast_paths = recommend_fast_paths("fp32", "cpu", fp32_gflops=135.0, bf16_gflops=83.0)
+    out, grad = forward_backward(golden_unet(golden), golden_inputs(golden), fast_paths)
+    assert out.dtype == torch.float32
+    assert_close_to_eager(eager_fp32, out, grad, out_atol=1e-5, grad_rel=1e-5)
+
+
+def test_recommendations_follow_the_measured_peaks():
+    from sdcore.precision import (CPU_FP32_CONV_GEMM_MAX_PIXELS, CPU_LOW_PRECISION_CONV_GEMM_MAX_PIXELS,
+                                  recommend_fast_paths, recommend_precision)
+
+    no_amx, amx, avx2 = dict(fp32_gflops=135.0, bf16_gflops=83.0), dict(fp32_gflops=190.0, bf16_gflops=1343.0), \
+        dict(fp32_gflops=180.0, bf16_gflops=1.8)
+    assert recommend_precision(**no_amx) == recommend_precision(**avx2) == "fp32"
+    assert recommend_precision(**amx) == "bf16"
+    for peaks in (no_amx, amx, avx2):  # fp32 on any CPU: sdpa + GEMM convolutions on the smallest maps
+        assert recommend_fast_paths("fp32", "cpu", **peaks) == FastPaths(
+            attention="sdpa", conv_gemm_max_pixels=CPU_FP32_CONV_GEMM_MAX_PIXELS)
+    assert recommend_fast_paths("bf16", "cpu", **amx) == FastPaths(
+        attention="sdpa", autocast="bf16", conv_gemm_max_pixels=CPU_LOW_PRECISION_CONV_GEMM_MAX_PIXELS,
+        persistent_weight_casts=True)
+    # bf16 asked for where it is slow: the run's precision is kept, the fp32 kernel choices apply
+    assert recommend_fast_paths("bf16", "cpu", **no_amx) == FastPaths(
+        attention="sdpa", autocast="bf16", conv_gemm_max_pixels=CPU_FP32_CONV_GEMM_MAX_PIXELS)
+    assert recommend_fast_paths("fp16", "cuda") == FastPaths(attention="sdpa", channels_last=True, autocast="fp16")
+    # every recommendation is a valid switch set that FastPaths.from_config accepts back
+    for precision in ("fp32", "bf16", "fp16"):
+        paths = recommend_fast_paths(precision, "cpu", **amx)
+        block = {k: v for k, v in dataclasses.asdict(paths).items() if k != "autocast"}
+        assert FastPaths.from_config(block, precision) == paths

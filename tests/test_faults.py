@@ -182,6 +182,23 @@ def test_a_library_error_of_a_full_disk_names_the_file_and_keeps_the_old_one(tmp
     assert f"while writing {target}" in str(other.value.__notes__)
 
 
+def test_torch_save_on_a_full_disk_names_the_file(tmp_path, monkeypatch):
+    """torch.save's zip writer, on ENOSPC, raises RuntimeError("... unexpected pos ...") while closing,
+    the OSError only its context: the error named neither the file nor the full disk."""
+    target = tmp_path / "state.pt"
+
+    def full_disk(obj, f):
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2033280 vs 2033168")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match=f"cannot write {target}: No space left on device") as error:
+        files.save_torch({"step": 1}, target)
+    assert error.value.errno == 28 and not list(tmp_path.iterdir())
+
+
 def test_loss_history_is_rewritten_atomically_and_must_be_whole(tmp_path, monkeypatch):
     path = tmp_path / "loss.csv"
     history = LossHistory(path, True, None)
@@ -430,3 +447,35 @@ def test_a_rank_whose_peer_hangs_gives_up_after_the_collective_timeout(config, l
         for proc in procs:
             proc.kill()
             proc.wait()
+
+
+def test_offline_run_resumed_from_a_checkpoint_state_logs_its_block_start(tmp_path):
+    """Offline mode: the state of a checkpoint is saved between block_stop and the next block_start; a
+    run resumed from it (killed before its next state) lost that block_start from its MLPerf log."""
+    from train_fixtures import mlperf_records
+
+    config = tiny_config(str(tmp_path), eval_mode="offline", **SETTINGS)
+    latents = write_latent_shards(config)
+
+    def offline(run_dir, conditioner=None):
+        return trainer.main(config, run_dir, inputs=trainer.TrainInputs(latents=latents),
+                            factories=factories("shards", conditioner=conditioner))
+
+    assert offline(tmp_path / "uninterrupted") == 0
+
+    class CrashAtCall(HookedConditioner):
+        def __init__(self, n):
+            super().__init__(lambda call: (_ for _ in ()).throw(RuntimeError("node lost")) if call == n else None)
+
+    with pytest.raises(RuntimeError, match="node lost"):
+        offline(tmp_path / "crashed", conditioner=CrashAtCall(5))  # the state of checkpoint 3 is the last
+    assert state(tmp_path / "crashed")["step"] == 3
+    assert offline(tmp_path / "crashed") == 0
+
+    def keys(run_dir):
+        return [(r["key"], r["metadata"].get("samples_count")) for r in mlperf_records(run_dir)
+                if r["key"] != "sdcore_resume"]
+
+    assert keys(tmp_path / "crashed") == keys(tmp_path / "uninterrupted")
+    assert ("block_start", 12) in keys(tmp_path / "crashed")
+    assert_same_run(tmp_path / "crashed", tmp_path / "uninterrupted")

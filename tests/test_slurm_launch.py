@@ -138,6 +138,9 @@ def test_local_demo_launch():
     command = launch_command(1, 2, 1, ["train.py", "--x"], {})
     assert command[1:] == ["--standalone", "--nproc-per-node=2", "train.py", "--x"]
     assert launch_command(1, 1, 4, ["evaluate.py"], {}) == [sys.executable, "evaluate.py"]
+    # one rank inside a SLURM job step: no nested srun, which would wait forever for the step's CPUs
+    assert launch_command(1, 1, 1, ["evaluate.py"], {"SLURM_JOB_ID": "24", "SLURM_STEP_ID": "0"}) == [
+        sys.executable, "evaluate.py"]
 
 
 def test_a_shape_the_launch_cannot_honour_fails_before_any_rank_starts():

@@ -100,26 +100,31 @@ def test_plan_all_and_bad_input():
 
 # ---- the package and the checkers ------------------------------------------------------------------
 
-def test_three_tiny_open_runs(tmp_path):
+def test_three_tiny_open_runs(tmp_path, monkeypatch):
+    """Relative folders, as the rule passes them (the tools run inside the reports folder), and numbers in
+    the system fields, as YAML reads them."""
+    monkeypatch.chdir(tmp_path)
     logs = []
     for run in range(3):
         train = training_log(tmp_path / f"train_{run}.log", seed=run, division="open", global_batch=4,
                              checkpoints=3, every=8)
         scores = [{"step": 2 * i, "samples_seen": 8 * i, "fid": 250.0 - i, "clip": 0.02} for i in (1, 2, 3)]
         logs.append(merge_run_log(train, scores, tmp_path / f"result_{run}.log").out_path)
-    config = SubmissionConfig(submitter="sdcore", system_name="cpu_test", division="open")
-    check = build_submission(logs, tmp_path / "package" / "sdcore", config)
+    config = SubmissionConfig(submitter="sdcore", system_name="cpu_test", division="open",
+                              system={"number_of_nodes": 1, "host_processor_core_count": 2, "accelerators_per_node": 0})
+    check = build_submission(logs, "package/sdcore", config, reports_dir="checks")
 
     layout = check.layout
     assert sorted(os.listdir(layout.benchmark_dir)) == ["result_0.txt", "result_1.txt", "result_2.txt"]
     with open(layout.system_json) as f:
         desc = json.load(f)
     assert set(SYSTEM_DESC_FIELDS) <= set(desc) and desc["division"] == "open"
+    assert all(isinstance(value, str) for value in desc.values()) and desc["number_of_nodes"] == "1"
     assert desc["status"] == "Available on-premise" and "host_processor_model_name" in layout.defaulted_fields
     # package checker: the system description and the three logs pass, but stable_diffusion needs 10 runs
     assert check.package.passed is False and check.package.verdict.startswith("FAIL")
     assert check.package.messages == [
-        (f"Incorrect number of files in dir, or wrong file names in directory {layout.benchmark_dir}, "
+        (f"Incorrect number of files in dir, or wrong file names in directory {os.path.abspath(layout.benchmark_dir)}, "
          f"found 3, expected {RESULT_FILES}")]
     assert "System description checker passed for cpu_test" in check.package.output
     assert "open_stable_diffusion.yaml" in check.package.output

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 WORKFLOW_FILES = ["Snakefile", "rules", "config.yaml", "profiles", "envs", "workflow_scripts", "sdcore"]
 PER_PART_RULES = ["download_laion_metadata", "filter_laion_metadata", "fetch_laion_images", "encode_laion_latents"]
 # Snakemake and its SLURM plugin run the workflow; the jobs' environment does not need them.
-WORKFLOW_RUNNERS = {"snakemake", "snakemake-executor-plugin-slurm"}
+WORKFLOW_RUNNERS = {"snakemake", "snakemake-executor-plugin-slurm", "pygments"}  # pygments: snakemake --report
 
 
 def copy_workflow(root: Path) -> Path:
@@ -324,3 +324,13 @@ def test_every_snakemake_command_of_the_readme_works(workdir, command):
     for target in named:
         if "/" in target:
             assert target in output, target
+
+
+def test_precomputed_text_embeddings_add_one_encoding_job(workdir):
+    code, output, _ = snakemake(workdir, "-n", "-p", "train", "--config", "train={text_embeddings: precomputed}")
+    assert code == 0, output
+    counts = job_counts(output)
+    assert counts["encode_text_embeddings"] == 1
+    index = "data/text_embeddings/published_fp16_bs8/embeddings.json"
+    assert job_outputs(output, "encode_text_embeddings") == [index]
+    assert f"--text-embeddings {index}" in output

@@ -49,7 +49,7 @@ def tiny_config(root: str, eval_mode: str = "inline", nproc_per_node: int = 1, *
         "optimizer": {"betas": [0.9, 0.999], "eps": 1.0e-8, "weight_decay": 0.01},
         "warmup_steps": 5, "warmup_start_factor": 1.0e-6, "shuffle_buffer": 16,
         "checkpoint_every_samples": 24, "max_samples": 48, "num_workers": 0,
-        "tensorboard": False, "plot_every_steps": 1000,
+        "tensorboard": False, "plot_every_steps": 1000, "text_embeddings": "online",
         "fast_paths": {"attention": "math", "channels_last": False, "compile": False, "conv_gemm_max_pixels": 0,
                        "persistent_weight_casts": False},
     }

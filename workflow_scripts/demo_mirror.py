@@ -20,7 +20,9 @@ import hashlib
 import io
 import json
 import logging
+import math
 import shutil
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +35,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import sdcore.text_encoder  # noqa: F401  (registers the tiny OpenCLIP configs with open_clip)
-from sdcore.autoencoder import AutoencoderKL
+from sdcore.autoencoder import SCALE_FACTOR, AutoencoderKL
 from sdcore.fid import InceptionV3Features, gaussian_stats, image_file_features, resize_coco_image
 from sdcore.prep.coco import select_prompts, source_image_name
 from sdcore.prep.published import write_published_mirror
@@ -419,16 +421,217 @@ def _open_clip_state(arch, seed):
         return open_clip.create_model(arch).state_dict()
 
 
+# ---- The SD checkpoint's VAE: a real autoencoder of the mirror's scenes -----------------------------------
+#
+# A random VAE decodes every latent to coloured noise, so nothing the demo's UNet learns would show. The
+# mirror's VAE is instead built, not trained (training it on this CPU took minutes for an L1 gain of
+# ~0.005), as a "thumbnail" autoencoder of the scenes:
+#
+# * Initialisation (_thumbnail_init): every residual branch and attention output starts at zero, so the
+#   network is its linear trunk, and the trunk's weights are set so that the latent's first three channels
+#   are the 8x8 block means of the image's colour channels and the decoder upsamples them back. The
+#   GroupNorms the trunk must pass are handled exactly: in the 128-wide 4-channel groups each colour
+#   travels as a pair (a, -a) next to constants (K, -K), so the group mean is 0 and its variance ~K^2/2
+#   whatever the image; silu(n) - silu(-n) = n undoes the SiLU. The decoder's last GroupNorm has one
+#   channel per group (32 channels, 32 groups): it removes every channel's image mean. Its input is kept
+#   far below the norm's eps (1e-6), where the norm is linear, and the lost image mean is put back from a
+#   channel holding the global mean (the mid attention with zero queries and keys averages over all
+#   positions) spread by an all-ones 3x3 convolution, whose zero padding makes a border pattern that
+#   survives the mean removal; silu ~ relu on the two signs of that pattern gives the interior and the
+#   edge pixels. The upsampling convolutions blur (nearest 2x + [1 2 1] = bilinear 2x), so the decoder
+#   turns the 8x8 colour means back into smooth blobs of the right colours on the right backgrounds.
+# * Calibration (_standardise_latents): an exact reparameterisation of quant_conv/post_quant_conv that
+#   centres the latent channels and scales them so that latents x scale_factor have unit standard
+#   deviation on the pipeline's inputs, the way SD's 0.18215 was chosen.
+#
+# The pipeline encodes images in [0, 1] (the reference's ToTensor without rescaling, kept on purpose) and
+# maps decoded images from [-1, 1] to [0, 1], so an identity VAE shows the demo's samples with half
+# their contrast, as the reference with Stability AI's VAE would.
+
+VAE_CALIBRATION_IMAGES = 64
+
+_REF = 20.0       # the constants (K, -K) beside each colour pair in 4-channel groups; colours stay within +-1.5
+_LATENT_GAIN = 4.0   # latent units per unit of colour before calibration
+_MEAN_OFFSET = 2.0   # the global mean travels as mean + offset > 0, so silu ~ relu can split its border pattern
+_DEC_GAIN, _MEAN_GAIN = 10.0, 50.0   # decoder trunk scales
+_TINY, _TINY_MEAN = 1e-4, 2e-5       # decoder level-0 scales: variance << GroupNorm eps
+_NORM_GAIN, _MEAN_NORM_GAIN = 10.0, 5000.0
+_POSTERIOR_LOGVAR = -8.0
+
+
+def _check_thumbnail_shape(ddconfig, embed_dim):
+    expected = {"ch": 32, "ch_mult": [1, 2, 4, 4], "z_channels": 4, "in_channels": 3, "out_ch": 3, "double_z": True}
+    actual = {key: (list(ddconfig[key]) if key == "ch_mult" else ddconfig[key]) for key in expected}
+    if actual != expected or embed_dim != 4:
+        raise ValueError(f"the demo mirror builds its VAE for {expected} and embed_dim 4 (32-group norms: groups "
+                         f"of 1 channel at level 0, 4 at the 128-wide levels); got {actual}, embed_dim {embed_dim}")
+
+
+@torch.no_grad()
+def _thumbnail_init(vae, image_size):
+    """Set `vae`'s weights to the exact 8x8 colour-thumbnail autoencoder described above."""
+    from sdcore.autoencoder import AttnBlock, ResnetBlock
+
+    def clear(*convs):
+        for conv in convs:
+            conv.weight.zero_()
+            conv.bias.zero_()
+
+    def average_2x2(conv, channels):  # Downsample pads right/bottom; taps [0:2, 0:2] stay inside
+        clear(conv)
+        for c in channels:
+            conv.weight[c, c, :2, :2] = 0.25
+
+    def blur(conv, channels):
+        for c in channels:
+            conv.weight[c, c] = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16
+
+    def centre_tap(conv, channels):
+        clear(conv)
+        for c in channels:
+            conv.weight[c, c, 1, 1] = 1.0
+
+    for module in vae.modules():
+        if isinstance(module, ResnetBlock):
+            clear(module.conv2)
+        elif isinstance(module, AttnBlock):
+            clear(module.proj_out)
+    enc, dec = vae.encoder, vae.decoder
+    colour_pairs = range(6)  # channels 2j, 2j+1: +-(x_j - 0.5), j = R, G, B
+    grouped = [4 * j + k for j in range(3) for k in range(4)]  # group j: (a_j, -a_j, K, -K)
+    n_scale = math.sqrt(2.0) / _REF  # a 4-channel group (a, -a, K, -K) normalises a to ~ a * sqrt(2) / K
+
+    # Encoder: colour pairs, three 2x2 means, grouped with constants before norm_out.
+    clear(enc.conv_in)
+    for j in range(3):
+        enc.conv_in.weight[2 * j, j, 1, 1], enc.conv_in.bias[2 * j] = 1.0, -0.5
+        enc.conv_in.weight[2 * j + 1, j, 1, 1], enc.conv_in.bias[2 * j + 1] = -1.0, 0.5
+    average_2x2(enc.down[0].downsample.conv, colour_pairs)
+    nin = enc.down[1].block[0].nin_shortcut
+    clear(nin)
+    for c in colour_pairs:
+        nin.weight[c, c] = 1.0
+    average_2x2(enc.down[1].downsample.conv, colour_pairs)
+    nin = enc.down[2].block[0].nin_shortcut
+    clear(nin)
+    for j in range(3):
+        nin.weight[4 * j, 2 * j] = nin.weight[4 * j + 1, 2 * j + 1] = 1.0
+        nin.bias[4 * j + 2], nin.bias[4 * j + 3] = _REF, -_REF
+    average_2x2(enc.down[2].downsample.conv, grouped)
+    clear(enc.conv_out, vae.quant_conv, vae.post_quant_conv)
+    for j in range(3):
+        enc.conv_out.weight[j, 4 * j, 1, 1] = _LATENT_GAIN / n_scale
+        enc.conv_out.weight[j, 4 * j + 1, 1, 1] = -_LATENT_GAIN / n_scale
+    enc.conv_out.bias[4:] = _POSTERIOR_LOGVAR
+    vae.quant_conv.weight[:, :, 0, 0] = torch.eye(8)
+    vae.post_quant_conv.weight[:, :, 0, 0] = torch.eye(4)
+
+    # Decoder: the same groups at 8x8; the mid attention writes mean + offset into 12..17 (pairs).
+    clear(dec.conv_in)
+    for j in range(3):
+        dec.conv_in.weight[4 * j, j, 1, 1] = _DEC_GAIN / _LATENT_GAIN
+        dec.conv_in.weight[4 * j + 1, j, 1, 1] = -_DEC_GAIN / _LATENT_GAIN
+        dec.conv_in.bias[4 * j + 2], dec.conv_in.bias[4 * j + 3] = _REF * _DEC_GAIN, -_REF * _DEC_GAIN
+    attn = dec.mid.attn_1
+    clear(attn.q, attn.k, attn.v, attn.proj_out)  # zero scores: uniform weights, the output is the mean of v
+    for j in range(3):
+        for c, sign in ((12 + 2 * j, 1.0), (13 + 2 * j, -1.0)):
+            attn.v.weight[c, 4 * j, 0, 0] = sign
+            attn.proj_out.weight[c, c, 0, 0] = _MEAN_GAIN / n_scale
+            attn.proj_out.bias[c] = sign * _MEAN_GAIN * _MEAN_OFFSET
+        # the colour pairs become deviations from the mean, so the zero padding of the blurs below pulls
+        # the image's edge towards its mean colour (nearly the background's), not towards grey
+        attn.proj_out.weight[4 * j, 12 + 2 * j, 0, 0] = -_DEC_GAIN / n_scale
+        attn.proj_out.weight[4 * j + 1, 12 + 2 * j, 0, 0] = _DEC_GAIN / n_scale
+    pairs = [4 * j + k for j in range(3) for k in range(2)]
+    for up in (dec.up[3].upsample.conv, dec.up[2].upsample.conv):  # nearest 2x + this blur = bilinear 2x
+        centre_tap(up, range(12, 18))
+        blur(up, pairs)
+    nin = dec.up[1].block[0].nin_shortcut
+    clear(nin)
+    for j in range(3):
+        nin.weight[2 * j, 4 * j] = nin.weight[2 * j + 1, 4 * j + 1] = 1.0
+    for k in range(6):
+        nin.weight[6 + k, 12 + k] = 1.0
+    up = dec.up[1].upsample.conv
+    clear(up)
+    blur(up, colour_pairs)
+    up.weight[6:12, 6:12] = torch.eye(6)[:, :, None, None]  # all nine taps: the mean times a border pattern
+    nin = dec.up[0].block[0].nin_shortcut
+    clear(nin)
+    for c in range(6):
+        nin.weight[c, c] = _TINY / _DEC_GAIN
+    for c in range(6, 12):
+        nin.weight[c, c] = _TINY_MEAN / _MEAN_GAIN
+    dec.norm_out.weight[:6] = _NORM_GAIN
+    dec.norm_out.weight[6:12] = _MEAN_NORM_GAIN
+    # After the per-channel mean removal the border pattern is d_in > 0 inside and -d_edge on edge pixels.
+    taps = torch.nn.functional.conv2d(torch.ones(1, 1, image_size, image_size), torch.ones(1, 1, 3, 3), padding=1)
+    d_in, d_edge = 9.0 - taps.mean().item(), taps.mean().item() - 6.0
+    linear = 1.0 / (_NORM_GAIN * _TINY * 1e3)  # 1e3 = 1 / sqrt(eps)
+    mean_gain = _MEAN_NORM_GAIN * _TINY_MEAN * 1e3
+    clear(dec.conv_out)
+    for j in range(3):
+        dec.conv_out.weight[j, 2 * j, 1, 1], dec.conv_out.weight[j, 2 * j + 1, 1, 1] = linear, -linear
+        dec.conv_out.weight[j, 6 + 2 * j, 1, 1] = 1.0 / (mean_gain * d_in)
+        dec.conv_out.weight[j, 7 + 2 * j, 1, 1] = 1.0 / (mean_gain * d_edge)
+        dec.conv_out.bias[j] = 0.5 - _MEAN_OFFSET
+
+
+def _scene_tensors(rng, count, image_size):
+    """Fresh scenes as the latent job sees LAION images: JPEG, ToTensor in [0, 1], resize and centre crop."""
+    from sdcore.prep.latents import reference_transform
+
+    transform = reference_transform(image_size)
+    images = []
+    for _ in range(count):
+        width, height = _random_size(rng)
+        with Image.open(io.BytesIO(_jpeg(draw_scene(random_scene(rng, width, height))))) as image:
+            images.append(transform(image.convert("RGB")))
+    return torch.stack(images)
+
+
+@torch.no_grad()
+def _standardise_latents(vae, images, scale_factor):
+    """Centre the latent means per channel and scale them to std 1 / scale_factor on `images`, exactly:
+    quant_conv's mean rows and post_quant_conv absorb the affine map, the log-variance its log-scale."""
+    channels = vae.post_quant_conv.in_channels
+    mean = vae.moments(images)[:, :channels].double()
+    centre = mean.mean(dim=(0, 2, 3))
+    gain = 1.0 / (scale_factor * (mean - centre[None, :, None, None]).std().item())
+    quant, post = vae.quant_conv, vae.post_quant_conv
+    quant.bias[:channels] = gain * (quant.bias[:channels] - centre.float())
+    quant.weight[:channels] *= gain
+    quant.bias[channels:] += 2 * math.log(gain)
+    post.bias += (post.weight[:, :, 0, 0].double() @ centre).float()
+    post.weight /= gain
+
+
+def scene_vae(ddconfig, embed_dim, scale_factor, seed):
+    """The mirror's VAE: the thumbnail autoencoder, calibrated on fresh scenes (see above). Reproducible
+    bytes: seeded and on one thread."""
+    _check_thumbnail_shape(ddconfig, embed_dim)
+    image_size = ddconfig["resolution"]
+    rng = np.random.default_rng(seed)
+    with _torch_seeded(seed), _single_thread():
+        vae = AutoencoderKL(ddconfig, embed_dim)
+        _thumbnail_init(vae, image_size)
+        _standardise_latents(vae, _scene_tensors(rng, VAE_CALIBRATION_IMAGES, image_size), scale_factor)
+    return vae
+
+
 def sd_checkpoint_state(model_params, text_state, seed):
     """The `state_dict` of an SD-style checkpoint for the configured (tiny) model.
 
     `model_params` is the config's `model.params`. The text encoder part is `text_state`, a full
-    OpenCLIP state dict without its visual tower, as in Stability AI's file.
+    OpenCLIP state dict without its visual tower, as in Stability AI's file. The UNet is random (the
+    demo trains it); the VAE is an autoencoder of the mirror's scenes (scene_vae).
     """
     with _torch_seeded(seed):
         unet = UNetModel(**model_params["unet_config"]["params"])
-        vae_params = model_params["first_stage_config"]["params"]
-        vae = AutoencoderKL(vae_params["ddconfig"], vae_params["embed_dim"])
+    vae_params = model_params["first_stage_config"]["params"]
+    vae = scene_vae(vae_params["ddconfig"], vae_params["embed_dim"],
+                      model_params.get("scale_factor", SCALE_FACTOR), seed)
     state = {f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()}
     state.update({f"first_stage_model.{k}": v for k, v in vae.state_dict().items()})
     state.update({f"cond_stage_model.model.{k}": v for k, v in text_state.items() if not k.startswith("visual.")})
@@ -564,7 +767,6 @@ def make_mirror(out_dir, seed, config):
 
 def main():
     import argparse
-    import time
 
     import yaml
 

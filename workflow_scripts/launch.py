@@ -2,8 +2,8 @@
 
     python workflow_scripts/launch.py --nodes N --nproc-per-node P --cpus-per-task C -- SCRIPT ARGS...
 
-Inside a SLURM allocation (the job Snakemake's SLURM executor submitted, or an salloc) the ranks
-start with ``srun``: N nodes x P tasks, C CPUs each, rank and world size from SLURM. Elsewhere with
+A single rank runs as this process. Otherwise, inside a SLURM allocation (the job Snakemake's SLURM
+executor submitted, or an salloc) the ranks start with ``srun``: N nodes x P tasks, C CPUs each, rank and world size from SLURM. Elsewhere with
 ``torchrun --standalone``: P ranks on this machine, which needs N = 1. Every rank gets
 OMP_NUM_THREADS=C, because Snakemake exports the whole job's thread count, which each rank would
 otherwise take. A shape the allocation cannot hold fails here, before any rank starts, with one
@@ -17,6 +17,10 @@ import sys
 
 
 def launch_command(nodes: int, per_node: int, cpus: int, script: list[str], environ: dict) -> list[str]:
+    if nodes * per_node == 1:
+        # one rank: this process is it. Inside SLURM the executor already started it as a job step
+        # (srun -n1); a nested srun would wait forever for the CPUs that step holds.
+        return [sys.executable, *script]
     if environ.get("SLURM_JOB_ID"):
         allocated = int(environ.get("SLURM_JOB_NUM_NODES") or environ.get("SLURM_NNODES") or 1)
         if nodes > allocated:
@@ -27,8 +31,6 @@ def launch_command(nodes: int, per_node: int, cpus: int, script: list[str], envi
     if nodes > 1:
         raise SystemExit(f"launch: launch.nodes = {nodes} needs a SLURM allocation (snakemake --profile "
                          "profiles/slurm), but this job runs outside SLURM")
-    if per_node == 1:
-        return [sys.executable, *script]
     torchrun = shutil.which("torchrun") or "torchrun"
     return [torchrun, "--standalone", f"--nproc-per-node={per_node}", *script]
 

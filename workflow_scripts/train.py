@@ -26,6 +26,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--run-dir", required=True, type=Path, help="results/<run>: state, checkpoints, logs")
     parser.add_argument("--latents", required=True, type=Path, help="latent index JSON of the training set")
     parser.add_argument("--sd-checkpoint", required=True, type=Path, help="SD checkpoint (frozen text encoder, VAE)")
+    parser.add_argument("--text-embeddings", type=Path,
+                        help="precomputed text embeddings index (train.text_embeddings: precomputed)")
     inline = parser.add_argument_group("inline evaluation (eval.mode: inline)")
     inline.add_argument("--prompts", type=Path, help="COCO prompt TSV")
     inline.add_argument("--fid-stats", type=Path, help="COCO Inception statistics (.npz)")
@@ -47,7 +49,7 @@ def run() -> int:
     setup_logging()
     try:
         return main(config, args.run_dir, TrainInputs(latents=args.latents, sd_checkpoint=args.sd_checkpoint,
-                                                      eval=eval_inputs))
+                                                      eval=eval_inputs, text_embeddings=args.text_embeddings))
     except (RunError, LaunchShapeError, BadDataError, BadSampleError, ShardReadError) as error:
         print(f"train: {error}", file=sys.stderr)  # one line per rank (naming the file), not a traceback
         return 2

@@ -107,6 +107,7 @@ class TrainInputs:
     latents: Path | None = None        # latent index (sdcore.data.read_latent_index)
     sd_checkpoint: Path | None = None  # frozen text encoder
     eval: EvalInputs | None = None     # inline evaluation only
+    text_embeddings: Path | None = None  # precomputed contexts (sdcore.embeddings index), instead of the encoder
 
 
 def latent_source(config: dict, env: DistEnv, plan: TrainPlan, inputs: TrainInputs) -> MicroBatchSource:
@@ -123,7 +124,12 @@ def latent_source(config: dict, env: DistEnv, plan: TrainPlan, inputs: TrainInpu
 
 
 def text_conditioner(config: dict, env: DistEnv, inputs: TrainInputs) -> Conditioner:
-    """The frozen OpenCLIP text tower with the SD checkpoint's ``cond_stage_model.model.*`` weights."""
+    """The frozen OpenCLIP text tower with the SD checkpoint's ``cond_stage_model.model.*`` weights, or its
+    outputs precomputed once per caption (``train.text_embeddings: precomputed``, bitwise the same)."""
+    if inputs.text_embeddings is not None:
+        from sdcore.embeddings import conditioner_factory
+
+        return conditioner_factory(inputs.text_embeddings)(config, env, inputs)
     params = config["model"]["params"]["cond_stage_config"]["params"]
     return FrozenTextConditioner(StableDiffusionCheckpoint(inputs.sd_checkpoint).text_encoder(params).to(env.device))
 
@@ -408,6 +414,10 @@ class Trainer:
             finished = finished or self.evaluate() and stop_on_target
             if not finished:
                 self.mlperf.log_block_start(self.samples)
+        elif self.step_count > 0 and self.plan.is_checkpoint(self.step_count) and not finished:
+            # resumed from the state of a checkpoint (offline mode), which is saved after the block's
+            # block_stop and before the next block_start: the log cut back to it lacks that line
+            self.mlperf.log_block_start(self.samples)
         batches = self.data.micro_batches(self.step_count)
         upcoming = []
         if not finished:  # the first step's micro-batches, checked for bad samples before it is trained
