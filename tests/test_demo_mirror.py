@@ -33,6 +33,8 @@ sys.path.insert(0, str(REPO / "workflow_scripts"))
 import demo_mirror  # noqa: E402
 from demo_mirror import COLOURS, LAION_PARTS, Scene, draw_scene, laion_caption, make_mirror  # noqa: E402
 
+# Generating the mirror (every source of the demo) takes a minute: the end-to-end tier.
+pytestmark = pytest.mark.slow
 SEED = 7
 # What the rule demo_mirror hands the generator: rules/common.smk, CONFIG_SLICES["mirror"].
 MIRROR_KEYS = ["model.params", "checkpoints.clip.arch", "coco.subset", "coco.image_size", "published.moments.shards",
@@ -97,7 +99,6 @@ def test_manifest_lists_every_file_with_its_hash(mirror):
     assert manifest["seed"] == SEED
 
 
-@pytest.mark.slow  # a second whole mirror: ~20 s
 def test_regeneration_in_place_is_byte_identical(mirror, config):
     before = _file_hashes(mirror)
     with torch.random.fork_rng(devices=[]):

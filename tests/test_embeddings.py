@@ -65,6 +65,7 @@ def stream_batches(latents, n, batch_size=4):
     return [next(stream) for _ in range(n)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_training_with_precomputed_embeddings_is_bitwise_equal_to_online_encoding(tmp_path, precision):
     """Same data, same seed: the losses and the weights of every checkpoint are identical, bit for bit,
@@ -167,6 +168,7 @@ def test_store_made_for_other_settings_or_shards_is_refused(store, tmp_path):
         conditioner(unknown, torch.device("cpu"))
 
 
+@pytest.mark.slow
 def test_command_line_writes_the_index_last_and_keeps_finished_files(store, tmp_path):
     config, latents, sd, index = store
     config_file = tmp_path / "config.yaml"

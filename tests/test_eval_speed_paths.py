@@ -74,6 +74,7 @@ def unet() -> UNetModel:
     return model.eval().requires_grad_(False)
 
 
+@pytest.mark.slow
 def test_sdpa_sampling_gives_the_images_of_math_attention_and_restores_the_unet(inputs):
     faithful = ImageGenerator(config()["model"]["params"], inputs.sd_checkpoint, "cpu", ddim_steps=DDIM_STEPS)
     fast = ImageGenerator(config()["model"]["params"], inputs.sd_checkpoint, "cpu", ddim_steps=DDIM_STEPS,
@@ -97,6 +98,7 @@ def test_fast_inception_gives_the_features_of_the_faithful_network(inputs):
     assert error <= FEATURE_RTOL, f"features differ by {error:.2e} of their largest value"
 
 
+@pytest.mark.slow
 def test_evaluation_with_every_speed_path_scores_like_the_faithful_one(inputs):
     model = unet()
     faithful = Evaluator(config(), inputs, "cpu").evaluate(model, samples_seen=8, seed=3)

@@ -257,6 +257,7 @@ def test_uint8_images_truncate_like_the_references_to_pil_image():
     assert (ours != rounded).any(), "the input must tell truncation from rounding"
 
 
+@pytest.mark.slow
 def test_unet_checkpoint_loads_strictly_with_its_metadata(setup, tmp_path):
     unet, metadata = load_unet_checkpoint(setup["config"], setup["checkpoint"], "cpu")
     assert metadata == CHECKPOINT_METADATA
@@ -296,6 +297,7 @@ def assert_nearly_equal_scores(scores: PromptScores, expected: PromptScores) -> 
     torch.testing.assert_close(scores.clip, expected.clip, rtol=0, atol=CLIP_ATOL)
 
 
+@pytest.mark.slow
 def test_results_do_not_depend_on_batch_size(evaluator, unet, single_rank_scores, evaluation_images):
     """FID and CLIP are functions of these per-prompt features and scores (and of their order, fixed by index)."""
     whole_batch = to_uint8_images(evaluator.generate(unet, list(range(NUM_PROMPTS)), SEED))
@@ -338,6 +340,7 @@ def test_clip_score_is_raw_cosine():
 # ---- the result ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_result_is_the_mean_clip_and_the_exact_fid(single_rank_scores, single_rank_result, coco_stats):
     result, _ = single_rank_result
     assert result["num_prompts"] == NUM_PROMPTS and result["samples_seen"] == 24 and result["seed"] == SEED
@@ -455,6 +458,7 @@ PRECISION_TOLERANCES = {"fp16": {"fid_rtol": 0.05, "clip_atol": 1.5e-3},
                         "bf16": {"fid_rtol": 0.25, "clip_atol": 6e-3}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", sorted(PRECISION_TOLERANCES))
 def test_reduced_precision_stays_near_fp32(setup, unet, single_rank_result, precision):
     fp32, _ = single_rank_result

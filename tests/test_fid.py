@@ -267,6 +267,7 @@ def realistic_stats():
     return fid.gaussian_stats(a) + fid.gaussian_stats(b)
 
 
+@pytest.mark.slow
 def test_frechet_distance_equals_pytorch_fid_on_realistic_statistics(realistic_stats):
     start = time.perf_counter()
     ours = fid.frechet_distance(*realistic_stats)

@@ -110,6 +110,7 @@ def test_a_broken_log_is_not_mistaken_for_a_quality_failure(tiny_run, tmp_path):
     assert any("opt_adamw_epsilon" in f for f in result.failures)
 
 
+@pytest.mark.slow
 def test_check_script_writes_verdict_and_summary_script_reports(tiny_run):
     out = tiny_run / "mlperf_check.txt"
     proc = subprocess.run([sys.executable, os.path.join(REPO, "workflow_scripts", "check_mlperf_log.py"),

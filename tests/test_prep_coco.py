@@ -174,6 +174,7 @@ def pytorch_fid_model(weights, monkeypatch):
     return pf_inception.InceptionV3([pf_inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
 
 
+@pytest.mark.slow
 def test_fid_stats_equal_pytorch_fid_on_the_resized_files(coco, tmp_path, inception_weights, monkeypatch):
     import pytorch_fid.fid_score as pf_score
 

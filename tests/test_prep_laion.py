@@ -92,6 +92,7 @@ def test_summary_adds_up_parts(tmp_path, part):
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
 
 
+@pytest.mark.slow
 def test_filter_cli(tmp_path, part):
     subprocess.run([sys.executable, REPO / "workflow_scripts/filter_laion_metadata.py", "--in", part, "--out",
                     tmp_path / "f.parquet", "--report", tmp_path / "r.json", "--mode", "cc-by"], check=True)
@@ -142,6 +143,7 @@ def tar_members(path):
         return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
 
 
+@pytest.mark.slow
 def test_fetch_manifest_counts(fetched):
     _, out_dir, manifest = fetched
     assert json.loads((out_dir / "manifest.json").read_text()) == manifest
@@ -183,6 +185,7 @@ def test_fetch_resumes_and_enforces_min_success_rate(fetched, tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in copy.glob("*.tar")} == before  # incremental: nothing redone
 
 
+@pytest.mark.slow
 def test_every_url_failing_names_the_input(tmp_path):
     parquet = tmp_path / "dead.parquet"
     pq.write_table(metadata_table([(tmp_path / f"gone{i}.jpg").as_uri() for i in range(3)]), parquet)

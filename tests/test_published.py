@@ -278,6 +278,7 @@ def _cli(args, env_extra):
                           capture_output=True, text=True, env=env, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_s3_download_with_sha512_list(published, tmp_path):
     sums = tmp_path / SHA512SUMS
     sums.write_bytes((published.mirror.moments_dir / SHA512SUMS).read_bytes())

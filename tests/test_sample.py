@@ -79,6 +79,7 @@ def assert_nearly_equal(image: np.ndarray, expected: np.ndarray) -> None:
     assert difference.max() <= 1 and np.count_nonzero(difference) <= 1e-3 * difference.size
 
 
+@pytest.mark.slow
 def test_writes_one_png_per_prompt_and_a_captioned_grid(run, tmp_path):
     out = tmp_path / "samples"
     process = sample("--run-dir", run["run_dir"], "--step", 3, "--sd-checkpoint", run["sd"],
@@ -113,6 +114,7 @@ def test_writes_one_png_per_prompt_and_a_captioned_grid(run, tmp_path):
     assert (grid[:GRID_TITLE_HEIGHT].min(axis=-1) < 128).any(), "title"
 
 
+@pytest.mark.slow
 def test_a_png_out_writes_only_the_grid(run, tmp_path):
     """--checkpoint and --config instead of --run-dir; --out grid.png: nothing else is written."""
     out = tmp_path / "only" / "grid_seed_9.png"

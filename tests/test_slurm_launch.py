@@ -79,6 +79,7 @@ def sbatch_line(resources, threads, rule="train_model"):
     return submit_string.get_submit_command(job, params) + plugin_utils.set_gres_string(job)
 
 
+@pytest.mark.slow
 def test_one_node_of_eight_gpus():
     resources, threads, shell = train_job(dry_run("profiles/slurm"))
     sbatch = sbatch_line(resources, threads)
@@ -91,6 +92,7 @@ def test_one_node_of_eight_gpus():
                     r"\S+/workflow_scripts/train.py ", shell), shell
 
 
+@pytest.mark.slow
 def test_thirty_two_nodes_with_a_run_name_from_the_command_line(tmp_path):
     """Finding 1 of issue 13: --configfile plus --config run_name=... used to replace the profile's launch
     command (32 nodes asked, 8 ranks started). The shape now lives in the config only."""

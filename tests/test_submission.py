@@ -100,6 +100,7 @@ def test_plan_all_and_bad_input():
 
 # ---- the package and the checkers ------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_three_tiny_open_runs(tmp_path, monkeypatch):
     """Relative folders, as the rule passes them (the tools run inside the reports folder), and numbers in
     the system fields, as YAML reads them."""
@@ -157,6 +158,7 @@ def closed_runs(tmp_path, converge_at, start=3 * EVERY):
     return logs, evaluated
 
 
+@pytest.mark.slow
 def test_ten_closed_runs_at_global_batch_512_pass(tmp_path):
     # converging at 1.5M-2.5M samples, as the reference does at batch 512 (RCP mean 2.1M)
     converge_at = [3 * EVERY, 4 * EVERY, 4 * EVERY, 5 * EVERY, 4 * EVERY, 3 * EVERY, 4 * EVERY, 4 * EVERY,
@@ -180,6 +182,7 @@ def test_ten_closed_runs_at_global_batch_512_pass(tmp_path):
     assert check.summary.data["rows"][0]["host_processors_count"] == 2
 
 
+@pytest.mark.slow
 def test_closed_runs_converging_too_fast_fail_the_rcp_check(tmp_path):
     logs, _ = closed_runs(tmp_path, [2 * EVERY] * 9 + [3 * EVERY], start=EVERY)   # 1.024M: faster than allowed
     check = build_submission(logs, tmp_path / "package" / "sdcore",

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from sdcore.logs import QUIET_LIBRARIES, ProgressLog, format_duration, setup_logging
@@ -25,6 +26,7 @@ def run(script, *args, env=None):
                           env=environment, timeout=300)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_is_verified_when_a_rule_reads_it(tmp_path):
     """Finding 4 of issue 13: checksums were only checked at download time."""
     weights = tmp_path / "512-base-ema.ckpt"

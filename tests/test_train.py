@@ -48,6 +48,7 @@ def keys(records):
     return [r["key"] for r in records]
 
 
+@pytest.mark.slow
 def test_loss_halves_on_a_fixed_batch(tmp_path):
     """Memorising one batch of 4 latents: the v-loss (random t and noise each step) must at least halve."""
     steps = 200
@@ -260,6 +261,7 @@ def sd_checkpoint_with_text_encoder(path, arch="sdcore-tiny-clip"):
     return encoder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_real_shards_text_encoder_and_mixed_precision(tmp_path, precision):
     """The product's data path (latent index, webdataset shards, per-rank stream) and its conditioner

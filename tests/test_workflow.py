@@ -170,6 +170,7 @@ def test_dry_run_of_a_submission_at_32x8(workdir, tmp_path):
     assert counts["package_submission"] == 1
 
 
+@pytest.mark.slow
 def test_nested_command_line_overrides_are_typed_and_validated(workdir):
     code, output, _ = snakemake(workdir, "-n", "train", "--config", "train={batch_size: 4}", "run_name=nested")
     assert code == 0, output
@@ -180,6 +181,7 @@ def test_nested_command_line_overrides_are_typed_and_validated(workdir):
     assert code != 0 and "train.batch_size" in output and "is not of type 'integer'" in output
 
 
+@pytest.mark.slow
 def test_merge_order_config_yaml_then_configfiles_then_config(workdir, tmp_path):
     """config.yaml, then the configfiles in order, then --config; later wins, key by key. A --configfile
     on the command line replaces the profile's configfile list (Snakemake's rule for profile values), so
