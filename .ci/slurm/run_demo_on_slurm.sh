@@ -186,7 +186,7 @@ grep -q "JobState=COMPLETED" "$WORK/train_job.txt" || fail "the last train job $
 # sdcore.train logs on every rank where its rank came from: "launcher slurm" means from
 # SLURM_PROCID/SLURM_NTASKS, which only srun sets.
 for rank in 0 1; do
-    grep -E "rank $rank of 2 \(local rank $rank, launcher slurm," "$TRAIN_LOG" \
+    grep -E "rank $rank of 2 \(local rank $rank of 2, launcher slurm," "$TRAIN_LOG" \
         || fail "rank $rank did not log a SLURM launch with 2 tasks in $TRAIN_LOG"
 done
 log "training ran as 2 SLURM tasks of job $final_job"
