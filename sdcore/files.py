@@ -83,8 +83,9 @@ def _system_error(error: BaseException) -> int | None:
         if isinstance(error, OSError) and error.errno in errno_codes.errorcode:
             return error.errno
         match = _OS_ERROR.search(str(error))
-        if match is not None and int(match.group(1) or match.group(2)) in errno_codes.errorcode:
-            return int(match.group(1) or match.group(2))
+        code = int(match.group(1) or match.group(2)) if match else None
+        if code in errno_codes.errorcode:
+            return code
         error = error.__cause__ or error.__context__
     return None
 
