@@ -12,9 +12,9 @@ at once, and check that nothing is lost.
 Everything runs at demo scale through the real workflow (``snakemake --profile profiles/demo -d
 <trial dir>``: 2 gloo ranks under torchrun, offline evaluation jobs, the MLPerf log and its check),
 each trial in a copy of one prepared data directory under a temporary directory. The campaign keeps
-the demo config but sets its own training length, for the reference as for the trials: 1,024 samples
-(checkpoints at 512 and 1,024) and 24 prompts, or with ``--short`` 256 samples (checkpoints at 128
-and 256) and 8 prompts. First the harness makes an uninterrupted reference run; every trial
+the demo config but sets its own training, for the reference as for the trials: batch 4 per rank and
+1,024 samples (checkpoints at 512 and 1,024) and 24 prompts, or with ``--short`` 256 samples
+(checkpoints at 128 and 256) and 8 prompts. First the harness makes an uninterrupted reference run; every trial
 must end bitwise equal to it: the UNet weights of every checkpoint, the optimiser, LR schedule,
 scaler and RNG states in the final ``train/state.pt``, ``train/loss.csv`` byte for byte, the
 evaluation scores, and an MLPerf log that passes the open-division checker with the reference's
@@ -89,10 +89,11 @@ STATS_REL = COCO_REL / "val2014_30k_stats.npz"
 COLLECTIVE_TIMEOUT_MINUTES = 0.5
 TORCHRUN_GRACE_SECONDS = 30          # torchrun's SIGTERM -> SIGKILL wait when it stops its workers
 EXIT_BOUND_SECONDS = COLLECTIVE_TIMEOUT_MINUTES * 60 + TORCHRUN_GRACE_SECONDS + 30
-# The campaign's training length is its own, whatever the demo's: 1,024 samples (checkpoints at 512 and
-# 1,024, 24 prompts) for the full campaign, 256 (checkpoints at 128 and 256, 8 prompts) for --short.
-FULL_OVERRIDES = ["train={max_samples: 1024, checkpoint_every_samples: 512}", "eval={num_prompts: 24}"]
-SHORT_OVERRIDES = ["train={max_samples: 256, checkpoint_every_samples: 128}", "eval={num_prompts: 8}"]
+# The campaign's training is its own, whatever the demo's: batch 4 per rank (global 8) and 1,024 samples
+# (128 steps, checkpoints at 512 and 1,024, 24 prompts) for the full campaign, 256 samples (32 steps,
+# checkpoints at 128 and 256, 8 prompts) for --short.
+FULL_OVERRIDES = ["train={batch_size: 4, max_samples: 1024, checkpoint_every_samples: 512}", "eval={num_prompts: 24}"]
+SHORT_OVERRIDES = ["train={batch_size: 4, max_samples: 256, checkpoint_every_samples: 128}", "eval={num_prompts: 8}"]
 FAMILIES = ("kill", "write", "hung", "disk", "corrupt", "twice")
 IGNORED_STATE_KEYS = {"attempts", "train_seconds", "downtime_seconds", "saved_at", "mlperf_log_offset"}
 MLPERF_IGNORED_KEYS = {"sdcore_resume"}

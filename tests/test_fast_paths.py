@@ -5,6 +5,8 @@ autocast is compared relative to the output's scale (max |out|) and the gradient
 bf16 (8-bit mantissa) within 2 % of the output scale and 1 % relative gradient error, fp16
 within 0.5 % and 0.5 %; torch.compile (fp32, fused kernels) within 1e-4 absolute, on a two-level variant of the golden
 config because compiling the golden model's forward and backward takes over 20 minutes here.
+The optimizer: foreach AdamW (the default) bitwise equals the per-tensor loop; fused AdamW stays
+within 1e-6 of it (relative, weights after 5 steps).
 """
 
 import dataclasses
@@ -245,16 +247,38 @@ def test_recommendations_follow_the_measured_peaks():
     assert recommend_precision(**amx) == "bf16"
     for peaks in (no_amx, amx, avx2):  # fp32 on any CPU: sdpa + GEMM convolutions on the smallest maps
         assert recommend_fast_paths("fp32", "cpu", **peaks) == FastPaths(
-            attention="sdpa", conv_gemm_max_pixels=CPU_FP32_CONV_GEMM_MAX_PIXELS)
+            attention="sdpa", conv_gemm_max_pixels=CPU_FP32_CONV_GEMM_MAX_PIXELS, fused_optimizer=True)
     assert recommend_fast_paths("bf16", "cpu", **amx) == FastPaths(
         attention="sdpa", autocast="bf16", conv_gemm_max_pixels=CPU_LOW_PRECISION_CONV_GEMM_MAX_PIXELS,
-        persistent_weight_casts=True)
+        persistent_weight_casts=True, fused_optimizer=True)
     # bf16 asked for where it is slow: the run's precision is kept, the fp32 kernel choices apply
     assert recommend_fast_paths("bf16", "cpu", **no_amx) == FastPaths(
-        attention="sdpa", autocast="bf16", conv_gemm_max_pixels=CPU_FP32_CONV_GEMM_MAX_PIXELS)
-    assert recommend_fast_paths("fp16", "cuda") == FastPaths(attention="sdpa", channels_last=True, autocast="fp16")
+        attention="sdpa", autocast="bf16", conv_gemm_max_pixels=CPU_FP32_CONV_GEMM_MAX_PIXELS, fused_optimizer=True)
+    assert recommend_fast_paths("fp16", "cuda") == FastPaths(attention="sdpa", channels_last=True, autocast="fp16",
+                                                             fused_optimizer=True)
     # every recommendation is a valid switch set that FastPaths.from_config accepts back
     for precision in ("fp32", "bf16", "fp16"):
         paths = recommend_fast_paths(precision, "cpu", **amx)
         block = {k: v for k, v in dataclasses.asdict(paths).items() if k != "autocast"}
         assert FastPaths.from_config(block, precision) == paths
+
+
+def adamw_weights(golden, steps: int = 5, **options) -> torch.Tensor:
+    """The golden UNet's weights after ``steps`` AdamW steps on its own MSE-to-one gradients."""
+    torch.manual_seed(0)
+    model = golden_unet(golden)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, **options)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        (model(*golden_inputs(golden)) - 1).square().mean().backward()
+        optimizer.step()
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_optimizer_default_is_the_loop_bitwise_and_fused_is_close(golden):
+    assert FastPaths().optimizer_options == {"foreach": True}
+    assert FastPaths(fused_optimizer=True).optimizer_options == {"fused": True}
+    loop = adamw_weights(golden, foreach=False)
+    assert torch.equal(adamw_weights(golden, **FastPaths().optimizer_options), loop)
+    fused = adamw_weights(golden, **FastPaths(fused_optimizer=True).optimizer_options)
+    assert ((fused - loop).norm() / loop.norm()).item() < 1e-6

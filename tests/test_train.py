@@ -232,6 +232,21 @@ def test_fixed_seed_gives_identical_runs(tmp_path):
     assert [r["value"] for r in mlperf_records(tmp_path / "a") if r["key"] == "seed"] == [1234]
 
 
+def test_fused_optimizer_trains_like_the_default(tmp_path):
+    """train.fast_paths.fused_optimizer reaches the optimizer (the weights differ in the last bits)
+    and keeps the run within rounding of foreach AdamW."""
+    configs = {name: tiny_config(str(tmp_path), eval_mode="offline", seed=7, checkpoint_every_samples=16,
+                                 max_samples=16) for name in ("foreach", "fused")}
+    configs["fused"]["train"]["fast_paths"]["fused_optimizer"] = True
+    with deterministic_cpu():
+        for name, config in configs.items():
+            assert run(config, tmp_path / name) == 0
+    assert loss_curve(tmp_path / "fused") == pytest.approx(loss_curve(tmp_path / "foreach"), rel=1e-5)
+    (w_foreach, _), (w_fused, _) = checkpoint(tmp_path / "foreach", 4), checkpoint(tmp_path / "fused", 4)
+    assert max((w_fused[k] - w_foreach[k]).abs().max().item() for k in w_foreach) < 1e-6
+    assert any(not torch.equal(w_fused[k], w_foreach[k]) for k in w_foreach)
+
+
 def test_loss_curve_is_drawn_while_training(tmp_path):
     """train.plot_every_steps: loss.png appears after that many steps and is redrawn every that many,
     long before the run ends (checked from inside the run, by the conditioner of each step)."""

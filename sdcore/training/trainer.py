@@ -270,7 +270,8 @@ class Trainer:
         self.unet.train()
         opt = self.config["train"]["optimizer"]
         self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=self.plan.learning_rate,
-                                           betas=tuple(opt["betas"]), eps=opt["eps"], weight_decay=opt["weight_decay"])
+                                           betas=tuple(opt["betas"]), eps=opt["eps"], weight_decay=opt["weight_decay"],
+                                           **self.fast.optimizer_options)
         self.lr_schedule = lr_schedule(self.optimizer, self.plan)
         self.scaler = torch.amp.GradScaler(self.env.device.type, enabled=self.plan.precision == "fp16")
         self.schedule = LinearSchedule(self.params["linear_start"], self.params["linear_end"],
