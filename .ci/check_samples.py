@@ -20,8 +20,8 @@ import numpy as np
 import yaml
 from PIL import Image
 
-MAX_BORDER_STD = 0.10      # measured 0.017-0.065 at the demo's last checkpoint (Xeon, 2026-12-02)
-MIN_SHAPE_SHARE = 0.08     # measured 0.15 there; 0.03 at the half-way checkpoint (flat, no shapes yet)
+MAX_BORDER_STD = 0.10      # measured 0.017-0.074 at the demo's last checkpoint (Xeon model 167, 2026-12-02)
+MIN_SHAPE_SHARE = 0.08     # measured 0.17-0.19 there (two runs); 0.03 at the half-way checkpoint (flat, no shapes yet)
 
 
 def measure(path: Path) -> tuple[float, float]:
