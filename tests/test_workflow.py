@@ -187,12 +187,14 @@ def test_merge_order_config_yaml_then_configfiles_then_config(workdir, tmp_path)
     on the command line replaces the profile's configfile list (Snakemake's rule for profile values), so
     the README layers a file over the demo by naming the demo's file first."""
     extra = tmp_path / "extra.yaml"
-    extra.write_text(yaml.safe_dump({"run_name": "from-configfile", "train": {"max_samples": 2048}}))
+    extra.write_text(yaml.safe_dump({"run_name": "from-configfile",
+                                     "train": {"max_samples": 2048, "checkpoint_every_samples": 512}}))
     code, output, _ = snakemake(workdir, "--profile", "profiles/demo", "-n", "--configfile",
                                 "profiles/demo/demo-config.yaml", str(extra))
     assert code == 0, output
     assert "demo/results/from-configfile/train_config.yaml" in output  # demo paths kept, run_name replaced
     assert len(job_outputs(output, "evaluate")) == 2 * 4               # 2048 samples / 512 per checkpoint
+    assert "demo/results/from-configfile/eval/step_00000128.json" in output  # the demo's global batch 16 kept
     code, output, _ = snakemake(workdir, "--profile", "profiles/demo", "-n", "--configfile",
                                 "profiles/demo/demo-config.yaml", str(extra), "--config", "run_name=from-config")
     assert code == 0, output
