@@ -39,6 +39,7 @@ import os
 import re
 import struct
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Iterator, Protocol, Sequence
 
@@ -244,10 +245,12 @@ def _tar_members(stream, url: str, wanted: frozenset = _DECODED_SUFFIXES):
             continue
         match = _KEY_AND_SUFFIX.match(path)
         if match is not None and match.group(2).lower() in wanted:
-            data = stream.read(padded)
+            data = stream.read(size)  # not the padding: slicing it off would copy the member again
             if len(data) < size:
                 raise ShardReadError(f"{url}: {path} is truncated")
-            yield path, data[:size] if padded != size else data
+            if padded != size:
+                stream.seek(padded - size, os.SEEK_CUR)
+            yield path, data
         else:
             stream.seek(padded, os.SEEK_CUR)
             yield path, None
@@ -381,23 +384,72 @@ def _as_is(batch: LatentBatch) -> LatentBatch:
 
 
 def _collate(samples: list[tuple[np.ndarray, str]], keys: list[str] | None = None,
-             shards: list[str] | None = None) -> LatentBatch:
-    moments = torch.empty((len(samples), *samples[0][0].shape), dtype=torch.float32)
-    if get_worker_info() is not None:
-        # In a DataLoader worker, stack straight into shared memory (as torch's default collate
-        # does): the batch then crosses to the main process without another copy.
-        moments = moments.share_memory_()
+             shards: list[str] | None = None, out: torch.Tensor | None = None) -> LatentBatch:
+    """The batch of ``samples``; its moments stacked into ``out`` (a ring slot) when given."""
+    moments = torch.empty((len(samples), *samples[0][0].shape), dtype=torch.float32) if out is None else out
     np.stack([m for m, _ in samples], out=moments.numpy())
     return LatentBatch(moments=moments, captions=[c for _, c in samples], keys=keys, shards=shards)
+
+
+RING_SLOTS = 6  # > the batches in flight per worker: the DataLoader's prefetch (2), the one being received
+
+
+class _MomentRing:
+    """A worker's batches of moments in shared memory, allocated once per worker.
+
+    Why: a fresh shared-memory tensor per batch (torch's way) costs a shm file, a copy into it and a
+    file-descriptor hand-over through the worker's resource-sharer thread, about 2 ms per batch of
+    1 MiB, which capped a worker near 3,000 samples/s. Here the slots cross to the main process once,
+    with the worker's first batch; the main process copies each batch out of its slot and counts it
+    ``released``. A worker reuses a slot only after its batch was released, so the main process never
+    reads a slot being overwritten.
+    """
+
+    def __init__(self, batch_shape: tuple[int, ...], slots: int = RING_SLOTS):
+        self.slots = torch.empty((slots, *batch_shape), dtype=torch.float32).share_memory_()
+        self.released = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self.written = 0
+
+    def next_slot(self) -> int:
+        """The slot for the next batch, once the batch that last used it was released."""
+        parent = os.getppid()
+        while self.written - self.released.numpy()[0] >= len(self.slots):
+            if os.getppid() != parent:  # the main process is gone: nobody will release a slot
+                raise SystemExit(0)
+            time.sleep(0.0002)
+        slot = self.written % len(self.slots)
+        self.written += 1
+        return slot
+
+
+@dataclass
+class _RingBatch:
+    """A worker's batch in flight: a LatentBatch whose moments wait in slot ``slot`` of the worker's
+    ring (``ring`` is sent with the worker's first batch only)."""
+
+    batch: LatentBatch
+    worker: int
+    slot: int
+    ring: _MomentRing | None = None
+
+    def receive(self, rings: dict[int, _MomentRing], pin_memory: bool) -> LatentBatch:
+        """The batch with its own copy of the moments; the slot is released for the worker."""
+        if self.ring is not None:
+            rings[self.worker] = self.ring
+        ring = rings[self.worker]
+        moments = torch.empty_like(ring.slots[self.slot], pin_memory=pin_memory)
+        moments.copy_(ring.slots[self.slot])
+        ring.released.numpy()[0] += 1  # numpy: a tensor op costs more than the count
+        self.batch.moments = moments
+        return self.batch
 
 
 WORKER_SWITCH_INTERVAL = 0.0002  # seconds; Python's default is 0.005
 
 
 def _worker_init(worker_id: int) -> None:
-    """A worker hands each batch's shared memory to the main process through its resource-sharer
-    thread, which has to win the GIL from the decoding thread first: with Python's default 5 ms
-    switch interval the main process waits up to 5 ms per batch (1,600 samples/s at batch 8)."""
+    """A worker's batches leave through its queue's feeder thread, which has to win the GIL from the
+    decoding thread first: with Python's default 5 ms switch interval a batch can wait that long."""
     sys.setswitchinterval(WORKER_SWITCH_INTERVAL)
 
 
@@ -434,15 +486,27 @@ class _BlockStream(IterableDataset):
             next(samples)
         if skipped:  # left out of the batches skipped here: the attempt that trained them reported them
             skipped.clear()
+        ring = None
         for _ in range(role_batches):
             batch = [next(samples) for _ in range(self.batch_size)]
+            slot = None
+            if info is not None:  # a DataLoader worker: the moments go through its ring
+                new_ring = ring is None
+                if new_ring:
+                    ring = _MomentRing((self.batch_size, *batch[0]["moments"].shape))
+                slot = ring.next_slot()
             out = _collate([(sample["moments"], sample["caption"]) for sample in batch],
                            keys=[sample["__key__"] for sample in batch],
-                           shards=[sample["__url__"] for sample in batch])
+                           shards=[sample["__url__"] for sample in batch],
+                           out=None if slot is None else ring.slots[slot])
             if skipped:
                 out.skipped = list(skipped)
                 skipped.clear()
-            yield out
+            if slot is None:
+                yield out
+            else:
+                out.moments = torch.empty(0)  # the moments stay in the slot
+                yield _RingBatch(out, worker, slot, ring if new_ring else None)
 
 
 class LatentShardSource:
@@ -495,7 +559,11 @@ class LatentShardSource:
             generator = torch.Generator().manual_seed(stream_seed(LOADER_SEED_DOMAIN, self.seed, self.rank, block))
             loader = DataLoader(
                 stream, batch_size=None, num_workers=self.num_workers,
-                pin_memory=self.pin_memory, collate_fn=_as_is, worker_init_fn=_worker_init, generator=generator,
+                # workers' batches are pinned as they leave their ring (_RingBatch.receive)
+                pin_memory=self.pin_memory and self.num_workers == 0, collate_fn=_as_is, worker_init_fn=_worker_init,
+                generator=generator,
             )
-            yield from loader
+            rings: dict[int, _MomentRing] = {}
+            for batch in loader:
+                yield batch.receive(rings, self.pin_memory) if isinstance(batch, _RingBatch) else batch
             block, skip = block + 1, 0

@@ -1,16 +1,19 @@
 """The training data stream, the latent index, launcher environment, conditioner, the plan (LR warm-up,
 checkpoint steps) and per-sample noise."""
 
+import io
 import itertools
 import json
 import os
+import tarfile
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from train_fixtures import LATENT_HW, launch_shape, tiny_config, write_latent_shards
 
-from sdcore.data import FrozenTextConditioner, LatentShardSource, read_latent_index
+from sdcore.data import RING_SLOTS, FrozenTextConditioner, LatentShardSource, read_latent_index
 from sdcore.distributed import first_slurm_host, launcher_env
 from sdcore.training.plan import TrainPlan, checkpoint_steps, lr_schedule, warmup_factor
 from sdcore.training.trainer import training_inputs
@@ -95,6 +98,25 @@ def test_resumed_stream_continues_exactly(shards, num_workers):
         expected = full[start_step * accumulation:]
         assert [b.captions for b in resumed] == [b.captions for b in expected]
         assert all(torch.equal(a.moments, b.moments) for a, b in zip(resumed, expected))
+
+
+@pytest.mark.parametrize("block_steps", [3, 100])
+def test_worker_batches_hold_each_samples_own_moments(shards, block_steps):
+    """Workers hand their moments over through a ring of reused shared-memory slots: every sample that
+    leaves the loader still holds its own moments after the slot it came through was overwritten (blocks
+    of 3 steps start new workers every 6 micro-batches; one block of 100 wraps each ring several times)."""
+    written = {}
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".npy"):
+                    written[member.name.removesuffix(".npy")] = np.load(io.BytesIO(tar.extractfile(member).read()))
+    batches = take(source(shards, num_workers=2, block_steps=block_steps).micro_batches(0), 40)
+    assert 40 // 2 > RING_SLOTS  # each worker's ring is reused
+    for batch in batches:
+        for key, moments in zip(batch.keys, batch.moments):
+            assert np.array_equal(moments.numpy(), written[key]), key
+    assert len({b.moments.data_ptr() for b in batches}) == len(batches)  # each its own copy
 
 
 def test_stream_depends_on_the_number_of_workers(shards):
