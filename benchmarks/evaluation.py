@@ -22,7 +22,9 @@ the MLPerf 16 groups (diffusers builds one group count for all), then the loop o
 ``StableDiffusionPipeline`` (DDIMScheduler of SD2: scaled_linear, v_prediction, steps_offset 1,
 guidance on a batch of uncond + cond, ``vae.decode(latents / scaling_factor)``). Before timing,
 both sides' images for the same latents and contexts must agree (max abs difference printed,
-required below 1e-3). Goal: sdcore >= 1.3x diffusers on the same work.
+required below 1e-3). The sdcore rows: the faithful path, sdpa attention, and sdpa with the UNet
+compiled (``eval.fast_paths.compile``; its compilation is done once before the timing and its time
+printed). Goal: sdcore >= 1.3x diffusers on the same work.
 
     python benchmarks/evaluation.py [--scale demo full] [--prompts 12] [--full-steps 2] [--repeats 2]
 """
@@ -253,8 +255,19 @@ def compare_with_diffusers(config: dict, inputs: EvalInputs, state: dict, unet, 
         with attention_backend(unet, backend):
             return sdcore_generate(unet, vae, schedule, x_T, cond, uncond, steps, guidance)
 
+    compiled = torch.compile(unet)
+
+    def sdcore_compiled():
+        with attention_backend(unet, "sdpa"):
+            return sdcore_generate(compiled, vae, schedule, x_T, cond, uncond, steps, guidance)
+
+    start = time.perf_counter()
+    difference = (sdcore_compiled() - sdcore_with("sdpa")).abs().max().item()
+    print(f"  eval.fast_paths.compile: compiled and ran once in {time.perf_counter() - start:.0f} s (not timed "
+          f"below); images within {difference:.1e} of eager sdpa")
     contenders = {"sdcore faithful (math attention)": lambda: sdcore_with("math"),
                   "sdcore eval.fast_paths.attention sdpa": lambda: sdcore_with("sdpa"),
+                  "sdcore eval.fast_paths {attention: sdpa, compile: true}": sdcore_compiled,
                   "diffusers": lambda: diffusers_generate(d_unet, d_vae, scheduler, x_T, cond, uncond, steps, guidance)}
     best = {name: float("inf") for name in contenders}
     for _ in range(repeats):

@@ -22,7 +22,10 @@ buffers dropped), so the models of all contenders fit in memory together (24 GB)
 are counted once (torch.utils.flop_counter, sdcore fp32 with math attention) and the share of the
 measured matmul peak of each contender's precision is printed.
 
-    python benchmarks/unet_train_step.py [--repeats 3] [--steps 1] [--no-diffusers] [--profile NAME]
+    python benchmarks/unet_train_step.py [--repeats 3] [--steps 1] [--no-diffusers] [--profile NAME] [--compile]
+
+``--compile`` adds sdcore through torch.compile (``train.fast_paths.compile``, sdpa, bf16 where bf16
+is fast); its first step, the compilation, is the untimed warm-up.
 
 ``--profile NAME`` runs one step of the contender whose name contains NAME under torch.profiler
 and prints the operators by self time (what the optimisation of the sdcore paths was based on).
@@ -175,6 +178,8 @@ def main() -> None:
     parser.add_argument("--no-diffusers", action="store_true")
     parser.add_argument("--only", nargs="+", help="run only the contenders whose names contain one of these")
     parser.add_argument("--profile", help="profile one step of the contender whose name contains this, then exit")
+    parser.add_argument("--compile", action="store_true",
+                        help="add sdcore with train.fast_paths.compile (sdpa; bf16 where bf16 is fast); minutes")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -213,6 +218,9 @@ def main() -> None:
     else:
         print("bf16 contenders skipped: bf16 matmul is not faster than fp32 on this CPU "
               f"({machine.bf16_gflops:.0f} vs {machine.fp32_gflops:.0f} GFLOP/s, AMX {'yes' if machine.amx else 'no'})")
+    if args.compile:
+        compiled = FastPaths(attention="sdpa", autocast="bf16" if machine.bf16_is_fast else None, compile=True)
+        contenders.append(Contender(f"sdcore compile ({describe(compiled)})", "sdcore", compiled, sdcore))
     if args.only:
         contenders = [c for c in contenders if any(word in c.name for word in args.only)]
 
@@ -230,8 +238,8 @@ def main() -> None:
         for contender in contenders:
             contender.prepare()
             data = step_data(contender, args.batch, args.latent)
-            if repeat == 0 or contender.fast_paths.persistent_weight_casts:
-                contender.step(data)  # warm-up (persistent casts: refill the buffers dropped by release)
+            if repeat == 0 or contender.fast_paths.persistent_weight_casts or contender.fast_paths.compile:
+                contender.step(data)  # warm-up (persistent casts: refill the buffers dropped by release; compile)
             start = time.perf_counter()
             for _ in range(args.steps):
                 contender.step(data)
@@ -248,12 +256,12 @@ def main() -> None:
         share = rate * flops / (machine.peak_gflops(c.precision) * 1e9)
         print(f"| {c.name} | {c.best:.2f} | {rate:.3f} | {100 * share:.1f} % ({c.precision}) |")
     rates = {c.name: args.batch / c.best for c in contenders}
-    sdcore_fp32 = max(r for n, r in rates.items() if n.startswith("sdcore fp32"))
-    if "diffusers fp32" in rates:
+    sdcore_fp32 = max((r for n, r in rates.items() if n.startswith("sdcore fp32")), default=None)
+    if "diffusers fp32" in rates and sdcore_fp32 is not None:  # --only may leave a side out
         print(f"\nsdcore's fastest faithful fp32 path / diffusers fp32: {sdcore_fp32 / rates['diffusers fp32']:.2f}x "
               f"(goal >= {GOAL_VS_DIFFUSERS_FP32}x); / diffusers' fastest fp32 row: "
               f"{sdcore_fp32 / max(r for n, r in rates.items() if n.startswith('diffusers fp32')):.2f}x")
-    if "diffusers bf16 autocast" in rates:
+    if "diffusers bf16 autocast" in rates and any(n.startswith("sdcore") for n in rates):
         best_sdcore = max(r for n, r in rates.items() if n.startswith("sdcore"))
         print(f"sdcore's fastest path / diffusers bf16: {best_sdcore / rates['diffusers bf16 autocast']:.2f}x "
               f"(goal >= {GOAL_VS_DIFFUSERS_BF16}x where bf16 is fast)")

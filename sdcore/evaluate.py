@@ -29,7 +29,7 @@ import contextlib
 import logging
 import textwrap
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -193,19 +193,23 @@ class EvalFastPaths:
     ``attention``: the UNet's attention kernel while it samples (``"math"``, the reference's fp32 softmax,
     or ``"sdpa"``), restored afterwards; None leaves the UNet's own setting (a trained UNet keeps its
     ``train.fast_paths.attention``). ``fast_inception``: the Inception network with its BatchNorms folded
-    into the convolutions and channels-last (``InceptionV3Features.speed_up_``). Each is checked against
-    the faithful path in tests/test_eval_speed_paths.py.
+    into the convolutions and channels-last (``InceptionV3Features.speed_up_``). ``compile``: the UNet
+    through ``torch.compile`` while it samples (compiled once per UNet and batch shape; the compilation,
+    minutes on a CPU, pays off over the thousands of guided steps of an evaluation). Each is checked
+    against the faithful path in tests/test_eval_speed_paths.py.
     """
 
     attention: str | None = None
     fast_inception: bool = False
+    compile: bool = False
 
     @classmethod
     def from_config(cls, block: dict | None) -> "EvalFastPaths":
         block = dict(block or {})
-        unknown = set(block) - {"attention", "fast_inception"}
+        allowed = [f.name for f in fields(cls)]
+        unknown = set(block) - set(allowed)
         if unknown:
-            raise ValueError(f"eval.fast_paths: unknown key(s) {sorted(unknown)}; allowed: attention, fast_inception")
+            raise ValueError(f"eval.fast_paths: unknown key(s) {sorted(unknown)}; allowed: {', '.join(allowed)}")
         paths = cls(**block)
         if paths.attention is not None:
             check_attention_backend(paths.attention)
@@ -247,6 +251,15 @@ class ImageGenerator:
         self.vae = sd.vae(model_params["first_stage_config"]["params"], model_params["scale_factor"]).to(self.device)
         self.text_encoder = sd.text_encoder(model_params["cond_stage_config"]["params"]).to(self.device)
         self.uncond = self.text_encoder.encode([""])
+        self._compiled: tuple[nn.Module, nn.Module] | None = None  # (UNet, its torch.compile), the last one
+
+    def _runnable(self, unet: nn.Module) -> nn.Module:
+        """``unet``, or its compiled form with ``eval.fast_paths.compile`` (reused while it is the same UNet)."""
+        if not self.eval_fast_paths.compile:
+            return unet
+        if self._compiled is None or self._compiled[0] is not unet:
+            self._compiled = (unet, torch.compile(unet))
+        return self._compiled[1]
 
     def autocast(self):
         return self.fast_paths.autocast_context(self.device)
@@ -256,10 +269,11 @@ class ImageGenerator:
         """(B, 3, H, W) float images in [0, 1] for ``prompts`` from the initial latents ``x_T``."""
         cond = self.text_encoder.encode(list(prompts))
         uncond = self.uncond.expand(len(prompts), -1, -1)
+        runnable = self._runnable(unet)
 
         def unet_fn(x, t, context):
             with self.autocast():
-                return unet(x, t, context).float()
+                return runnable(x, t, context).float()
 
         with attention_backend(unet, self.eval_fast_paths.attention):
             z = ddim_sample(unet_fn, x_T.to(self.device), cond, uncond, self.schedule, steps=self.ddim_steps,

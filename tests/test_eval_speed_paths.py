@@ -5,6 +5,8 @@ Tolerances, each stated with why:
   guided DDIM steps the float images agree to IMAGE_ATOL (of the [0, 1] range), a uint8 level is 1/255;
 * fast Inception (BatchNorm folded into the convolutions, channels-last): the same affine maps rounded once
   fewer; the pool3 features agree to FEATURE_RTOL of their largest value;
+* torch.compile of the UNet while sampling (pytest -m compile): inductor fuses and reorders the float
+  arithmetic; after 10 guided DDIM steps the images agree to IMAGE_ATOL;
 * the whole evaluation with every speed path: FID within FID_RTOL relative and CLIP within CLIP_ATOL of the
   faithful evaluation (the images may move by a uint8 level in a few pixels, as in tests/test_evaluate.py).
 Tiny models throughout (the golden UNet and VAE, sdcore-tiny-clip, a calibrated random Inception), one thread.
@@ -88,6 +90,24 @@ def test_sdpa_sampling_gives_the_images_of_math_attention_and_restores_the_unet(
     assert {m.attention_backend for m in model.modules() if isinstance(m, CrossAttention)} == {"math"}
 
 
+@pytest.mark.compile
+def test_compiled_sampling_gives_the_images_of_the_eager_unet(inputs):
+    """eval.fast_paths.compile: the UNet through torch.compile (inductor's fused kernels round otherwise)."""
+    eager = ImageGenerator(config()["model"]["params"], inputs.sd_checkpoint, "cpu", ddim_steps=DDIM_STEPS)
+    compiled = ImageGenerator(config()["model"]["params"], inputs.sd_checkpoint, "cpu", ddim_steps=DDIM_STEPS,
+                              fast_paths={"compile": True})
+    model = unet()
+    x_T = initial_latents(range(len(PROMPTS)), eager.latent_shape, 0)
+    reference = eager.generate(model, PROMPTS, x_T)
+    images = compiled.generate(model, PROMPTS, x_T)
+    assert (images - reference).abs().max().item() <= IMAGE_ATOL
+    first = compiled._compiled[1]
+    assert isinstance(first, torch._dynamo.eval_frame.OptimizedModule)
+    assert compiled.generate(model, PROMPTS, x_T).equal(images)
+    assert compiled._compiled[1] is first  # compiled once per UNet
+    assert not isinstance(model, torch._dynamo.eval_frame.OptimizedModule)  # the caller's UNet is untouched
+
+
 def test_fast_inception_gives_the_features_of_the_faithful_network(inputs):
     images = torch.rand(5, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     reference = InceptionV3Features(inputs.inception)(images)
@@ -109,7 +129,9 @@ def test_evaluation_with_every_speed_path_scores_like_the_faithful_one(inputs):
 
 
 def test_eval_fast_paths_config():
-    assert EvalFastPaths.from_config(None) == EvalFastPaths() == EvalFastPaths(attention=None, fast_inception=False)
+    assert EvalFastPaths.from_config(None) == EvalFastPaths() == EvalFastPaths(attention=None, fast_inception=False,
+                                                                             compile=False)
+    assert EvalFastPaths.from_config({"compile": True}).compile
     assert EvalFastPaths.from_config({"attention": "sdpa"}).attention == "sdpa"
     with pytest.raises(ValueError, match="attention"):
         EvalFastPaths.from_config({"attention": "flash"})
