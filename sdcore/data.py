@@ -409,12 +409,12 @@ class _MomentRing:
         self.slots = torch.empty((slots, *batch_shape), dtype=torch.float32).share_memory_()
         self.released = torch.zeros(1, dtype=torch.int64).share_memory_()
         self.written = 0
+        self.parent = os.getppid()  # built in the worker: its main process
 
     def next_slot(self) -> int:
         """The slot for the next batch, once the batch that last used it was released."""
-        parent = os.getppid()
         while self.written - self.released.numpy()[0] >= len(self.slots):
-            if os.getppid() != parent:  # the main process is gone: nobody will release a slot
+            if os.getppid() != self.parent:  # the main process is gone: nobody will release a slot
                 raise SystemExit(0)
             time.sleep(0.0002)
         slot = self.written % len(self.slots)
@@ -437,8 +437,9 @@ class _RingBatch:
         if self.ring is not None:
             rings[self.worker] = self.ring
         ring = rings[self.worker]
-        moments = torch.empty_like(ring.slots[self.slot], pin_memory=pin_memory)
-        moments.copy_(ring.slots[self.slot])
+        slot = ring.slots[self.slot]
+        moments = torch.empty_like(slot, pin_memory=pin_memory)
+        moments.copy_(slot)
         ring.released.numpy()[0] += 1  # numpy: a tensor op costs more than the count
         self.batch.moments = moments
         return self.batch
