@@ -17,7 +17,8 @@ by default, for these contenders:
 
 The contenders alternate within each repetition, in one process; each figure is the best
 (minimum) step time over the repetitions, so a burst of load from other processes costs a
-repetition, not the result. Gradients are freed after every contender's steps (and persistent-cast
+repetition, not the result; the ratio to diffusers bf16 is also given per repetition (median and
+range), since this machine's speed can move by a third within minutes. Gradients are freed after every contender's steps (and persistent-cast
 buffers dropped), so the models of all contenders fit in memory together (24 GB). FLOPs per sample
 are counted once (torch.utils.flop_counter, sdcore fp32 with math attention) and the share of the
 measured matmul peak of each contender's precision is printed.
@@ -37,6 +38,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -111,6 +113,7 @@ class Contender:
     fast_paths: FastPaths
     model: Callable[[], torch.nn.Module]  # the shared module of its family
     best: float = float("inf")  # seconds per step
+    times: list[float] = dataclasses.field(default_factory=list)  # seconds per step, one per repetition
     runnable: torch.nn.Module | None = None
 
     @property
@@ -128,7 +131,7 @@ class Contender:
         return self.runnable
 
     def step(self, data) -> None:
-        self.runnable.zero_grad(set_to_none=self.fast_paths.grads_set_to_none)
+        self.runnable.zero_grad(set_to_none=True)
         train_step(self.runnable, self.fast_paths, *data)
 
     def release(self) -> None:
@@ -245,6 +248,7 @@ def main() -> None:
                 contender.step(data)
             seconds = (time.perf_counter() - start) / args.steps
             contender.best = min(contender.best, seconds)
+            contender.times.append(seconds)
             contender.release()
             print(f"  repetition {repeat + 1}: {contender.name:<60s} {seconds:7.2f} s/step", flush=True)
 
@@ -262,9 +266,12 @@ def main() -> None:
               f"(goal >= {GOAL_VS_DIFFUSERS_FP32}x); / diffusers' fastest fp32 row: "
               f"{sdcore_fp32 / max(r for n, r in rates.items() if n.startswith('diffusers fp32')):.2f}x")
     if "diffusers bf16 autocast" in rates and any(n.startswith("sdcore") for n in rates):
-        best_sdcore = max(r for n, r in rates.items() if n.startswith("sdcore"))
-        print(f"sdcore's fastest path / diffusers bf16: {best_sdcore / rates['diffusers bf16 autocast']:.2f}x "
-              f"(goal >= {GOAL_VS_DIFFUSERS_BF16}x where bf16 is fast)")
+        fastest = min((c for c in contenders if c.family == "sdcore"), key=lambda c: c.best)
+        diffusers_bf16 = next(c for c in contenders if c.name == "diffusers bf16 autocast")
+        paired = sorted(d / s for d, s in zip(diffusers_bf16.times, fastest.times))
+        print(f"sdcore's fastest path / diffusers bf16: {diffusers_bf16.best / fastest.best:.2f}x "
+              f"(goal >= {GOAL_VS_DIFFUSERS_BF16}x where bf16 is fast); per repetition (the pair run one after "
+              f"the other): median {statistics.median(paired):.2f}x, {paired[0]:.2f}-{paired[-1]:.2f}x")
     elif not machine.bf16_is_fast:
         print(f"goal >= {GOAL_VS_DIFFUSERS_BF16}x diffusers bf16: does not apply on this CPU (bf16 is slower than "
               "fp32 here, so no bf16 step is the fast one)")

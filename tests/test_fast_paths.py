@@ -9,11 +9,15 @@ The optimizer: foreach AdamW (the default) bitwise equals the per-tensor loop; f
 within 1e-6 of it (relative, weights after 5 steps).
 """
 
+import collections
 import dataclasses
+import gc
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from sdcore.attention import CPU_LOW_PRECISION_FUSED_BACKWARD_MIN_QUERIES, CrossAttention
 from sdcore.precision import FastPaths
 from sdcore.unet import UNetModel
 
@@ -155,15 +159,17 @@ def test_invalid_precision_name_is_rejected():
         FastPaths.from_config({}, "fp8")
 
 
-def test_persistent_weight_casts_equal_autocast_bitwise(golden):
+@pytest.mark.parametrize("set_to_none", [True, False], ids=["grads_set_to_none", "grads_zeroed"])
+def test_persistent_weight_casts_equal_autocast_bitwise(golden, set_to_none):
     """Same casts, same low-precision gradients: outputs and fp32 gradients are identical to
-    plain autocast, over two steps (the buffers are refilled after the weights change)."""
+    plain autocast, over three steps (the buffers are refilled after the weights change), whether
+    a step's gradients are adopted (``.grad`` None) or added to zeroed ones."""
     inputs = golden_inputs(golden)
     plain, persistent = golden_unet(golden), golden_unet(golden)
     paths = FastPaths(attention="sdpa", autocast="bf16", conv_gemm_max_pixels=ALL_MAPS)
     runnable = {"plain": paths.apply(plain),
                 "persistent": dataclasses.replace(paths, persistent_weight_casts=True).apply(persistent)}
-    for step in range(2):
+    for step in range(3):
         results = {}
         for name, model in runnable.items():
             with paths.autocast_context("cpu"):
@@ -179,9 +185,75 @@ def test_persistent_weight_casts_equal_autocast_bitwise(golden):
                 p -= 0.1 * p.grad
                 q -= 0.1 * q.grad
         plain.zero_grad(set_to_none=True)
-        persistent.zero_grad(set_to_none=False)
+        persistent.zero_grad(set_to_none=set_to_none)
     cast_names = runnable["persistent"].cast_params
     assert cast_names and all("norm" not in n for n in cast_names)
+
+
+class _WeightSizedOps(TorchDispatchMode):
+    """Counts the aten ops that read or write an fp32 tensor of a cast parameter's shape."""
+
+    def __init__(self, shapes):
+        super().__init__()
+        self.shapes, self.count = shapes, collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if any(isinstance(a, torch.Tensor) and a.dtype == torch.float32 and tuple(a.shape) in self.shapes
+               for a in (*args, out)):
+            self.count[func.overloadpacket.__name__] += 1
+        return out
+
+
+def test_persistent_weight_casts_hand_the_last_steps_gradient_memory_to_autograd(golden):
+    """With ``zero_grad(set_to_none=True)`` a step's cast-weight gradients are converted into the
+    memory of the last step's, which AccumulateGrad adopts as ``.grad``: no zero fill, no add, no
+    allocation of weight-sized fp32 memory after the first step. Dropping the wrapper removes its hooks."""
+    unet = golden_unet(golden)
+    runnable = FastPaths(attention="sdpa", autocast="bf16", persistent_weight_casts=True).apply(unet)
+    cast = runnable.cast_params
+    memory, ops = [], []
+    for _ in range(3):
+        counter = _WeightSizedOps({tuple(p.shape) for p in cast.values()})
+        with counter, torch.autocast("cpu", dtype=torch.bfloat16):
+            out = runnable(*golden_inputs(golden))
+            out.float().square().mean().backward()
+        memory.append({name: p.grad.untyped_storage().data_ptr() for name, p in cast.items()})
+        ops.append(counter.count)
+        unet.zero_grad(set_to_none=True)
+    assert memory[2] == memory[1] == memory[0]
+    for step in ops[1:]:
+        assert not {"add_", "add", "fill_", "zero_", "zeros_like", "empty_like", "empty"} & set(step), step
+        assert step["copy_"] >= 2 * len(cast)  # the weight casts, and the gradient conversions into the buffers
+    del runnable, out
+    gc.collect()
+    assert not any(p._post_accumulate_grad_hooks for p in unet.parameters())
+
+
+@pytest.mark.parametrize("queries", [CPU_LOW_PRECISION_FUSED_BACKWARD_MIN_QUERIES // 2,
+                                     CPU_LOW_PRECISION_FUSED_BACKWARD_MIN_QUERIES])
+def test_sdpa_attention_trained_in_bf16_on_a_cpu(queries):
+    """bf16 training on a CPU: below the threshold the sdpa backend runs the math kernel (bitwise the
+    math backend's output and gradients); from it on, the fused kernel (on contiguous heads), within
+    bf16 rounding of math and not bitwise equal to it."""
+    torch.manual_seed(0)
+    modules = {backend: CrossAttention(320, heads=5, dim_head=64, attention_backend=backend)
+               for backend in ("math", "sdpa")}
+    modules["sdpa"].load_state_dict(modules["math"].state_dict())
+    x = torch.randn(2, queries, 320)
+    results = {}
+    for backend, module in modules.items():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = module(x)
+        out.float().square().mean().backward()
+        results[backend] = (out, module.to_q.weight.grad, module.to_k.weight.grad)
+    for fused, math in zip(results["sdpa"], results["math"]):
+        if queries < CPU_LOW_PRECISION_FUSED_BACKWARD_MIN_QUERIES:
+            torch.testing.assert_close(fused, math, atol=0, rtol=0)
+        else:
+            torch.testing.assert_close(fused.float(), math.float(), atol=0.02 * math.abs().max().item(), rtol=0.02)
+    if queries >= CPU_LOW_PRECISION_FUSED_BACKWARD_MIN_QUERIES:
+        assert not torch.equal(results["sdpa"][1], results["math"][1])
 
 
 # ---- memory formats and the recommended fast paths ------------------------------------------------

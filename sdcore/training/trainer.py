@@ -331,7 +331,7 @@ class Trainer:
             loss_sum += loss.detach()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=self.fast.grads_set_to_none)
+        self.optimizer.zero_grad(set_to_none=True)
         self.lr_schedule.step()
         self.step_count += 1
         return loss_sum / self.plan.accumulation
