@@ -143,13 +143,10 @@ class PersistentWeightCasts(nn.Module):
         # The parameters outlive this wrapper (the caller keeps the module): their hooks go with it.
         weakref.finalize(self, _remove_hooks, handles)
 
-    def _low_buffer(self, name: str, param: torch.Tensor) -> torch.Tensor:
-        return self._kept(self._low_of, name, param, self.dtype)
-
     def _grad_buffer(self, name: str, param: torch.Tensor) -> torch.Tensor:
         last = self._last_grad_of.pop(name, None)
         if param.grad is None:  # a new step: last step's gradient memory becomes this one's
-            return last if _fits(last, param) else torch.empty_like(param)
+            return last if _fits(last, param, param.dtype) else torch.empty_like(param)
         return self._kept(self._accumulation_buffer_of, name, param, param.dtype)
 
     @staticmethod
@@ -160,16 +157,16 @@ class PersistentWeightCasts(nn.Module):
         return buffer
 
     def forward(self, *args, **kwargs):
-        casts = {}
+        casts, grad_enabled = {}, torch.is_grad_enabled()
         for name, param in self.cast_params.items():
-            grad_buffer = self._grad_buffer(name, param) if torch.is_grad_enabled() and param.requires_grad else None
-            casts[name] = _CastInto.apply(param, self._low_buffer(name, param), grad_buffer)
+            grad_buffer = self._grad_buffer(name, param) if grad_enabled and param.requires_grad else None
+            casts[name] = _CastInto.apply(param, self._kept(self._low_of, name, param, self.dtype), grad_buffer)
         return torch.func.functional_call(self.module, casts, args, kwargs)
 
 
-def _fits(buffer: torch.Tensor | None, param: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+def _fits(buffer: torch.Tensor | None, param: torch.Tensor, dtype: torch.dtype) -> bool:
     return (buffer is not None and buffer.device == param.device and buffer.stride() == param.stride()
-            and buffer.dtype == (param.dtype if dtype is None else dtype))
+            and buffer.dtype == dtype)
 
 
 def _keep_grad(wrapper_ref, name: str, param: torch.Tensor) -> None:
