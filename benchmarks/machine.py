@@ -4,7 +4,8 @@ One place for: the CPU model (``lscpu``), torch's CPU capability, AMX yes/no
 (``sdcore.precision.cpu_flags``), the measured fp32 and bf16 matmul peaks
 (``sdcore.precision.matmul_gflops``), the load average and the date. Benchmarks choose their
 contenders' precision from those peaks: bf16 contenders run only where bf16 matmul is faster than
-fp32 (AMX Xeons), never on a CPU where bf16 is narrow (AVX-512 without AMX) or emulated (AVX2).
+fp32 (AMX Xeons, AMD EPYCs with AVX-512 BF16), never on a CPU where bf16 is narrow (Xeons with
+AVX-512 but no AMX) or emulated (AVX2).
 
     from benchmarks.machine import MachineInfo
     machine = MachineInfo.measure()
@@ -28,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from sdcore.precision import cpu_flags, matmul_gflops  # noqa: E402
+from sdcore.precision import cpu_flags, matmul_gflops, onednn_linear_gflops  # noqa: E402
 
 PEAK_MATMUL_SIZE = 2048  # large enough to reach the kernel's peak, small enough to measure in ~1 s
 
@@ -65,6 +66,7 @@ class MachineInfo:
     threads: int
     fp32_gflops: float
     bf16_gflops: float
+    onednn_fp32_gflops: float  # sdcore's onednn_linear path, at the fp32 matmul's product
     date: str
     load: float
 
@@ -75,6 +77,7 @@ class MachineInfo:
                    amx="amx_bf16" in flags, threads=torch.get_num_threads(),
                    fp32_gflops=matmul_gflops(torch.float32, size, seconds),
                    bf16_gflops=matmul_gflops(torch.bfloat16, size, seconds),
+                   onednn_fp32_gflops=onednn_linear_gflops(size, seconds),
                    date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                    load=load_average())
 
@@ -88,13 +91,14 @@ class MachineInfo:
         return "bf16" if self.bf16_is_fast else "fp32"
 
     def peak_gflops(self, precision: str) -> float:
-        return self.bf16_gflops if precision == "bf16" else self.fp32_gflops
+        """The faster kernel's: in fp32 the BLAS sgemm or oneDNN (twice as fast on AMD EPYCs)."""
+        return self.bf16_gflops if precision == "bf16" else max(self.fp32_gflops, self.onednn_fp32_gflops)
 
     def line(self) -> str:
         """The one-line machine description of the README tables."""
         return (f"{self.cpu}, {self.threads} threads, capability {self.capability}, "
-                f"AMX {'yes' if self.amx else 'no'}, matmul fp32 {self.fp32_gflops:.0f} / "
-                f"bf16 {self.bf16_gflops:.0f} GFLOP/s, torch {torch.__version__}")
+                f"AMX {'yes' if self.amx else 'no'}, matmul fp32 {self.fp32_gflops:.0f} (oneDNN "
+                f"{self.onednn_fp32_gflops:.0f}) / bf16 {self.bf16_gflops:.0f} GFLOP/s, torch {torch.__version__}")
 
     def print(self) -> None:
         print(f"date: {self.date}")
@@ -104,7 +108,8 @@ class MachineInfo:
         print(f"torch {torch.__version__}, {self.threads} threads, "
               f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
         print(f"measured matmul peak ({PEAK_MATMUL_SIZE}^3, sdcore.precision.matmul_gflops): "
-              f"fp32 {self.fp32_gflops:.0f} GFLOP/s, bf16 {self.bf16_gflops:.0f} GFLOP/s -> "
+              f"fp32 {self.fp32_gflops:.0f} GFLOP/s (oneDNN's, sdcore.precision.onednn_linear_gflops: "
+              f"{self.onednn_fp32_gflops:.0f}), bf16 {self.bf16_gflops:.0f} GFLOP/s -> "
               + ("bf16 contenders run (bf16 is faster here)" if self.bf16_is_fast else
                  "bf16 contenders skipped (bf16 is not faster than fp32 here)"))
         quiet = "quiet" if self.load < 1.0 else "BUSY: other processes share the CPU, figures are pessimistic"

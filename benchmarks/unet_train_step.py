@@ -11,7 +11,7 @@ by default, for these contenders:
   * diffusers' UNet2DConditionModel at the SD2 architecture, fp32 (and fp32 + channels-last, so a
     memory-format gain is not credited to sdcore alone). diffusers cannot build the MLPerf 16-group
     GroupNorm of the residual blocks: it is built with 32 groups (same parameters, same FLOPs);
-  * only where bf16 matmul is faster than fp32 here (AMX): sdcore bf16 autocast, sdcore's fastest
+  * only where bf16 matmul is faster than fp32 here (AMX, AVX-512 BF16 on AMD): sdcore bf16 autocast, sdcore's fastest
     bf16 path (the recommended one: sdpa + conv GEMMs on small maps + persistent weight casts) and
     diffusers bf16 autocast. On a CPU without fast bf16 they are skipped, and said so.
 
@@ -189,7 +189,8 @@ def main() -> None:
     torch.manual_seed(0)
     machine = MachineInfo.measure()
     machine.print()
-    recommended = recommend_fast_paths("fp32", fp32_gflops=machine.fp32_gflops, bf16_gflops=machine.bf16_gflops)
+    recommended = recommend_fast_paths("fp32", fp32_gflops=machine.fp32_gflops, bf16_gflops=machine.bf16_gflops,
+                                       onednn_fp32_gflops=machine.onednn_fp32_gflops)
     print(f"recommend_fast_paths('fp32') on this CPU: {recommended}")
 
     models: dict[str, torch.nn.Module] = {}
@@ -259,22 +260,29 @@ def main() -> None:
         rate = args.batch / c.best
         share = rate * flops / (machine.peak_gflops(c.precision) * 1e9)
         print(f"| {c.name} | {c.best:.2f} | {rate:.3f} | {100 * share:.1f} % ({c.precision}) |")
-    rates = {c.name: args.batch / c.best for c in contenders}
-    sdcore_fp32 = max((r for n, r in rates.items() if n.startswith("sdcore fp32")), default=None)
-    if "diffusers fp32" in rates and sdcore_fp32 is not None:  # --only may leave a side out
-        print(f"\nsdcore's fastest faithful fp32 path / diffusers fp32: {sdcore_fp32 / rates['diffusers fp32']:.2f}x "
+    by_name = {c.name: c for c in contenders}
+    sdcore_fp32 = [c for c in contenders if c.name.startswith("sdcore fp32")]
+    if "diffusers fp32" in by_name and sdcore_fp32:  # --only may leave a side out
+        diffusers_fp32 = [c for c in contenders if c.name.startswith("diffusers fp32")]
+        print(f"\nsdcore's fastest faithful fp32 path / diffusers fp32: "
+              f"{ratio_line(by_name['diffusers fp32'], min(sdcore_fp32, key=lambda c: c.best))} "
               f"(goal >= {GOAL_VS_DIFFUSERS_FP32}x); / diffusers' fastest fp32 row: "
-              f"{sdcore_fp32 / max(r for n, r in rates.items() if n.startswith('diffusers fp32')):.2f}x")
-    if "diffusers bf16 autocast" in rates and any(n.startswith("sdcore") for n in rates):
+              f"{min(diffusers_fp32, key=lambda c: c.best).best / min(c.best for c in sdcore_fp32):.2f}x")
+    if "diffusers bf16 autocast" in by_name and any(c.family == "sdcore" for c in contenders):
         fastest = min((c for c in contenders if c.family == "sdcore"), key=lambda c: c.best)
-        diffusers_bf16 = next(c for c in contenders if c.name == "diffusers bf16 autocast")
-        paired = sorted(d / s for d, s in zip(diffusers_bf16.times, fastest.times))
-        print(f"sdcore's fastest path / diffusers bf16: {diffusers_bf16.best / fastest.best:.2f}x "
-              f"(goal >= {GOAL_VS_DIFFUSERS_BF16}x where bf16 is fast); per repetition (the pair run one after "
-              f"the other): median {statistics.median(paired):.2f}x, {paired[0]:.2f}-{paired[-1]:.2f}x")
+        print(f"sdcore's fastest path / diffusers bf16: {ratio_line(by_name['diffusers bf16 autocast'], fastest)} "
+              f"(goal >= {GOAL_VS_DIFFUSERS_BF16}x where bf16 is fast)")
     elif not machine.bf16_is_fast:
         print(f"goal >= {GOAL_VS_DIFFUSERS_BF16}x diffusers bf16: does not apply on this CPU (bf16 is slower than "
               "fp32 here, so no bf16 step is the fast one)")
+
+
+def ratio_line(baseline: Contender, contender: Contender) -> str:
+    """Speed-up of ``contender`` over ``baseline``: best against best, and per repetition (the pair run
+    one after the other), median and range."""
+    paired = sorted(b / c for b, c in zip(baseline.times, contender.times))
+    return (f"{baseline.best / contender.best:.2f}x; per repetition median {statistics.median(paired):.2f}x, "
+            f"{paired[0]:.2f}-{paired[-1]:.2f}x")
 
 
 def describe(fast_paths: FastPaths) -> str:
@@ -287,6 +295,8 @@ def describe(fast_paths: FastPaths) -> str:
         parts.append(f"conv_gemm<={fast_paths.conv_gemm_max_pixels}")
     if fast_paths.persistent_weight_casts:
         parts.append("persistent casts")
+    if fast_paths.onednn_linear:
+        parts.append("oneDNN linear")
     return " + ".join(parts)
 
 

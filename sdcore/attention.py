@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from sdcore.linear import Linear
+
 ATTENTION_BACKENDS = ("math", "sdpa")
 
 
@@ -83,10 +85,10 @@ class CrossAttention(nn.Module):
         self.dim_head = dim_head
         self.scale = dim_head ** -0.5
         self.attention_backend = check_attention_backend(attention_backend)
-        self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
-        self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
-        self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
+        self.to_q = Linear(query_dim, inner_dim, bias=False)
+        self.to_k = Linear(context_dim, inner_dim, bias=False)
+        self.to_v = Linear(context_dim, inner_dim, bias=False)
+        self.to_out = nn.Sequential(Linear(inner_dim, query_dim), nn.Dropout(dropout))
 
     def _split_heads(self, t: torch.Tensor) -> torch.Tensor:
         # (B, N, heads*d) -> (B, heads, N, d) as a strided view: no copy.
@@ -112,7 +114,7 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out * 2)
+        self.proj = Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         value, gate = self.proj(x).chunk(2, dim=-1)
@@ -125,7 +127,7 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
         super().__init__()
         inner_dim = dim * mult
-        self.net = nn.Sequential(GEGLU(dim, inner_dim), nn.Dropout(dropout), nn.Linear(inner_dim, dim))
+        self.net = nn.Sequential(GEGLU(dim, inner_dim), nn.Dropout(dropout), Linear(inner_dim, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -178,7 +180,7 @@ class SpatialTransformer(nn.Module):
         self.use_linear = use_linear
         self.norm = nn.GroupNorm(num_groups=32, num_channels=in_channels, eps=1e-6, affine=True)
         if use_linear:
-            self.proj_in = nn.Linear(in_channels, inner_dim)
+            self.proj_in = Linear(in_channels, inner_dim)
         else:
             self.proj_in = nn.Conv2d(in_channels, inner_dim, kernel_size=1)
         self.transformer_blocks = nn.ModuleList(
@@ -187,7 +189,7 @@ class SpatialTransformer(nn.Module):
             for d in range(depth)
         )
         if use_linear:
-            self.proj_out = nn.Linear(inner_dim, in_channels)
+            self.proj_out = Linear(inner_dim, in_channels)
         else:
             self.proj_out = nn.Conv2d(inner_dim, in_channels, kernel_size=1)
         # The reference zero-initialises proj_out (each transformer starts as the identity).

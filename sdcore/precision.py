@@ -1,5 +1,6 @@
 """Fast-path switches for the UNet: attention kernel, channels-last, autocast, persistent weight
-casts, GEMM convolutions on small maps, torch.compile, and the fused AdamW kernel.
+casts, GEMM convolutions on small maps, oneDNN linear layers, torch.compile, and the fused AdamW
+kernel.
 
 Faithful fp32 eager (the defaults) is what the golden tests check; each switch is an option
 the trainer and evaluator turn on from config and that tests compare against fp32 eager.
@@ -7,7 +8,9 @@ the trainer and evaluator turn on from config and that tests compare against fp3
 
 import contextlib
 import functools
+import itertools
 import logging
+import time
 import weakref
 from dataclasses import dataclass
 
@@ -16,6 +19,7 @@ from torch import nn
 
 from sdcore.attention import check_attention_backend, set_attention_backend
 from sdcore.conv import set_conv_gemm
+from sdcore.linear import linear_onednn, set_linear_onednn
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # train.precision / eval precision names -> autocast setting
@@ -30,6 +34,7 @@ class FastPaths:
     compile: bool = False
     conv_gemm_max_pixels: int = 0  # 0 | maps of at most this many pixels convolve as one GEMM
     persistent_weight_casts: bool = False  # with autocast: weight casts into buffers kept across steps
+    onednn_linear: bool = False    # fp32 linear layers on a CPU through oneDNN instead of the BLAS sgemm
     fused_optimizer: bool = False  # AdamW as one fused kernel (ulp-level differences) | foreach
 
     def __post_init__(self):
@@ -61,6 +66,7 @@ class FastPaths:
         """
         set_attention_backend(model, self.attention)
         set_conv_gemm(model, self.conv_gemm_max_pixels)
+        set_linear_onednn(model, self.onednn_linear)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if self.persistent_weight_casts:
@@ -192,17 +198,32 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def matmul_gflops(dtype: torch.dtype, size: int = 1024, seconds: float = 0.2) -> float:
-    """Measured matrix-multiply throughput of this CPU at ``dtype`` (GFLOP/s, current thread count)."""
-    import time
+def _best_gflops(run, flops: float, seconds: float) -> float:
+    """GFLOP/s of the fastest call of ``run`` within ``seconds`` (after a warm-up call, in which
+    oneDNN picks its kernel): the best call, so a burst of load from other processes is not
+    counted as this CPU's speed."""
+    run()
+    best, start = float("inf"), time.perf_counter()
+    for calls in itertools.count(1):
+        tic = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - tic)
+        if calls >= 3 and time.perf_counter() - start >= seconds:
+            return flops / best / 1e9
 
+
+def matmul_gflops(dtype: torch.dtype, size: int = 1024, seconds: float = 0.2) -> float:
+    """Measured matrix-multiply throughput of this CPU at ``dtype`` (GFLOP/s, current thread count):
+    ``torch.matmul``, which is the BLAS (MKL) sgemm in fp32 and oneDNN in bf16."""
     a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
-    a @ b  # warm-up: oneDNN picks its kernel on the first call
-    runs, start = 0, time.perf_counter()
-    while runs < 2 or time.perf_counter() - start < seconds:
-        a @ b
-        runs += 1
-    return 2 * size**3 * runs / (time.perf_counter() - start) / 1e9
+    return _best_gflops(lambda: a @ b, 2 * size**3, seconds)
+
+
+def onednn_linear_gflops(size: int = 1024, seconds: float = 0.2) -> float:
+    """Measured fp32 throughput of ``sdcore.linear.linear_onednn`` (the ``onednn_linear`` path) at the
+    product ``matmul_gflops`` times, so the two compare."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    return _best_gflops(lambda: linear_onednn(a, b, None), 2 * size**3, seconds)
 
 
 def warn_if_slow_precision(precision: str, device: torch.device) -> None:
@@ -222,20 +243,23 @@ def warn_if_slow_precision(precision: str, device: torch.device) -> None:
 # What recommend_fast_paths picks, per case; each choice measured with benchmarks/unet_train_step.py
 # (full-size UNet, batch 4, 32x32 latent; README speed section).
 CPU_FP32_CONV_GEMM_MAX_PIXELS = 16     # fp32 on a CPU: oneDNN's backward on 4x4 maps is the slow case
-CPU_LOW_PRECISION_CONV_GEMM_MAX_PIXELS = 64  # bf16/fp16 autocast on a CPU with fast bf16 (AMX)
+CPU_LOW_PRECISION_CONV_GEMM_MAX_PIXELS = 64  # bf16/fp16 autocast on a CPU with fast bf16 (AMX, Zen AVX-512 BF16)
 FAST_BF16_MARGIN = 1.0                 # bf16 counts as fast where its matmul beats fp32 by this factor
+ONEDNN_LINEAR_MARGIN = 1.2             # fp32 linears go to oneDNN where it beats the BLAS sgemm by this factor
 
 
 def recommend_precision(fp32_gflops: float | None = None, bf16_gflops: float | None = None) -> str:
-    """``"bf16"`` where this CPU's bf16 matmul is faster than its fp32 one (AMX Xeons), else ``"fp32"``
-    (AVX-512 without AMX: narrower; AVX2: emulated). Peaks are measured when not given."""
+    """``"bf16"`` where this CPU's bf16 matmul is faster than its fp32 one (AMX Xeons; AMD EPYCs with
+    AVX-512 BF16, measured 4x), else ``"fp32"`` (Xeons with AVX-512 but no AMX: narrower; AVX2:
+    emulated). Peaks are measured when not given."""
     fp32 = matmul_gflops(torch.float32) if fp32_gflops is None else fp32_gflops
     bf16 = matmul_gflops(torch.bfloat16) if bf16_gflops is None else bf16_gflops
     return "bf16" if bf16 > FAST_BF16_MARGIN * fp32 else "fp32"
 
 
 def recommend_fast_paths(precision: str = "fp32", device: str | torch.device = "cpu",
-                         fp32_gflops: float | None = None, bf16_gflops: float | None = None) -> FastPaths:
+                         fp32_gflops: float | None = None, bf16_gflops: float | None = None,
+                         onednn_fp32_gflops: float | None = None) -> FastPaths:
     """The fast paths to train the UNet with at ``precision`` on ``device``, chosen from what this
     machine is (measured, or the given matmul peaks): each switch is one that was faster there.
 
@@ -244,7 +268,8 @@ def recommend_fast_paths(precision: str = "fp32", device: str | torch.device = "
     * CUDA: channels-last (cuDNN's NHWC kernels), no GEMM convolutions (cuDNN picks its own);
     * CPU, fp32: convolutions on maps of at most ``CPU_FP32_CONV_GEMM_MAX_PIXELS`` pixels as GEMMs;
       contiguous (NCHW) activations, which oneDNN's fp32 kernels run faster than channels-last on
-      the UNet's small maps;
+      the UNet's small maps; linear layers through oneDNN where its fp32 GEMM beats the BLAS
+      sgemm by ``ONEDNN_LINEAR_MARGIN`` (AMD EPYCs, where MKL takes its AVX2 path);
     * CPU, bf16/fp16 autocast where bf16 is fast: GEMM convolutions up to
       ``CPU_LOW_PRECISION_CONV_GEMM_MAX_PIXELS`` pixels and persistent weight casts. Where bf16 is
       not fast, the fp32 choice (autocast stays as asked: precision is the run's decision, and
@@ -258,4 +283,13 @@ def recommend_fast_paths(precision: str = "fp32", device: str | torch.device = "
         return FastPaths(attention="sdpa", autocast=autocast, conv_gemm_max_pixels=CPU_LOW_PRECISION_CONV_GEMM_MAX_PIXELS,
                          persistent_weight_casts=True, fused_optimizer=True)
     return FastPaths(attention="sdpa", autocast=autocast, conv_gemm_max_pixels=CPU_FP32_CONV_GEMM_MAX_PIXELS,
+                     onednn_linear=autocast is None and onednn_beats_blas(fp32_gflops, onednn_fp32_gflops),
                      fused_optimizer=True)
+
+
+def onednn_beats_blas(fp32_gflops: float | None = None, onednn_fp32_gflops: float | None = None) -> bool:
+    """Whether oneDNN's fp32 GEMM beats the BLAS sgemm here by ``ONEDNN_LINEAR_MARGIN`` (measured
+    when not given): on AMD EPYCs MKL runs its AVX2 kernels even on AVX-512 CPUs."""
+    fp32 = matmul_gflops(torch.float32) if fp32_gflops is None else fp32_gflops
+    onednn = onednn_linear_gflops() if onednn_fp32_gflops is None else onednn_fp32_gflops
+    return onednn > ONEDNN_LINEAR_MARGIN * fp32

@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from sdcore.attention import SpatialTransformer, check_attention_backend
 from sdcore.conv import Conv2d
+from sdcore.linear import Linear
 
 RESBLOCK_NORM_GROUPS = 16
 
@@ -61,7 +62,7 @@ class ResBlock(nn.Module):
         self.in_layers = nn.Sequential(
             normalization(channels), nn.SiLU(), Conv2d(channels, out_channels, 3, padding=1)
         )
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.emb_layers = nn.Sequential(nn.SiLU(), Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(
             normalization(out_channels), nn.SiLU(), nn.Dropout(p=dropout),
             zero_init(Conv2d(out_channels, out_channels, 3, padding=1)),
@@ -181,7 +182,7 @@ class UNetModel(nn.Module):
 
         time_embed_dim = model_channels * 4
         self.time_embed = nn.Sequential(
-            nn.Linear(model_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)
+            Linear(model_channels, time_embed_dim), nn.SiLU(), Linear(time_embed_dim, time_embed_dim)
         )
 
         self.input_blocks = nn.ModuleList(

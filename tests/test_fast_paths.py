@@ -76,7 +76,10 @@ ALL_MAPS = 1 << 20  # conv_gemm_max_pixels that sends every eligible convolution
     FastPaths(attention="sdpa", channels_last=True),
     FastPaths(conv_gemm_max_pixels=ALL_MAPS),
     FastPaths(attention="sdpa", channels_last=True, conv_gemm_max_pixels=ALL_MAPS),
-], ids=["sdpa", "channels_last", "sdpa+channels_last", "conv_gemm", "sdpa+channels_last+conv_gemm"])
+    FastPaths(onednn_linear=True),
+    FastPaths(attention="sdpa", conv_gemm_max_pixels=ALL_MAPS, onednn_linear=True),
+], ids=["sdpa", "channels_last", "sdpa+channels_last", "conv_gemm", "sdpa+channels_last+conv_gemm", "onednn_linear",
+        "sdpa+conv_gemm+onednn_linear"])
 def test_fp32_fast_paths_match_eager(golden, eager_fp32, fast_paths):
     out, grad = forward_backward(golden_unet(golden), golden_inputs(golden), fast_paths)
     assert out.dtype == torch.float32
@@ -117,6 +120,36 @@ def test_compiled_model_matches_eager(golden):
     eager = forward_backward(mini_unet(golden), inputs, FastPaths())
     out, grad = forward_backward(mini_unet(golden), inputs, FastPaths(compile=True))
     assert_close_to_eager(eager, out, grad, out_atol=1e-4, grad_rel=1e-4)
+
+
+@pytest.mark.compile
+def test_compiled_persistent_weight_casts_match_eager_within_bf16_rounding(golden):
+    """torch.compile over persistent weight casts (the wrapper is what gets compiled): over two
+    steps the output and fp32 gradients stay within the bf16 tolerance of fp32 eager on the same
+    weights, and the first step's weight update reaches the casts of the second."""
+    inputs = (golden["x"], golden["t"], golden["context"])
+    paths = FastPaths(attention="sdpa", autocast="bf16", persistent_weight_casts=True)
+    eager, compiled = mini_unet(golden), mini_unet(golden)
+    runnable = dataclasses.replace(paths, compile=True).apply(compiled)
+    outputs = []
+    for step in range(2):
+        eager.load_state_dict(compiled.state_dict())
+        eager.zero_grad(set_to_none=True)
+        want = forward_backward(eager, inputs, FastPaths())
+        outputs.append(want[0])
+        with paths.autocast_context("cpu"):
+            out = runnable(*inputs)
+        (out.float() - 1).square().mean().backward()
+        grad = torch.cat([p.grad.flatten() for p in compiled.parameters()])
+        assert out.dtype == torch.bfloat16 and grad.dtype == torch.float32
+        scale = want[0].abs().max().item()
+        assert_close_to_eager(want, out.detach(), grad, out_atol=0.02 * scale, grad_rel=0.01)
+        with torch.no_grad():
+            for p in compiled.parameters():
+                p -= 0.5 * p.grad
+        compiled.zero_grad(set_to_none=True)
+    # the update moved the output by more than the tolerance: stale casts would have failed step 2
+    assert (outputs[1] - outputs[0]).abs().max().item() > 0.1 * outputs[0].abs().max().item()
 
 
 def test_compile_returns_wrapper_sharing_parameters(golden):
@@ -318,8 +351,15 @@ def test_recommendations_follow_the_measured_peaks():
     assert recommend_precision(**no_amx) == recommend_precision(**avx2) == "fp32"
     assert recommend_precision(**amx) == "bf16"
     for peaks in (no_amx, amx, avx2):  # fp32 on any CPU: sdpa + GEMM convolutions on the smallest maps
-        assert recommend_fast_paths("fp32", "cpu", **peaks) == FastPaths(
+        assert recommend_fast_paths("fp32", "cpu", **peaks, onednn_fp32_gflops=peaks["fp32_gflops"]) == FastPaths(
             attention="sdpa", conv_gemm_max_pixels=CPU_FP32_CONV_GEMM_MAX_PIXELS, fused_optimizer=True)
+    # where MKL's sgemm takes its AVX2 path (AMD EPYC with AVX-512, measured 175 against oneDNN's 321)
+    epyc = dict(fp32_gflops=175.0, bf16_gflops=798.0, onednn_fp32_gflops=321.0)
+    assert recommend_fast_paths("fp32", "cpu", **epyc) == FastPaths(
+        attention="sdpa", conv_gemm_max_pixels=CPU_FP32_CONV_GEMM_MAX_PIXELS, onednn_linear=True, fused_optimizer=True)
+    assert not recommend_fast_paths("bf16", "cpu", **epyc).onednn_linear  # inert under autocast: not set
+    assert not recommend_fast_paths("fp32", "cpu", fp32_gflops=175.0, bf16_gflops=1.0,
+                                    onednn_fp32_gflops=200.0).onednn_linear  # within the margin
     assert recommend_fast_paths("bf16", "cpu", **amx) == FastPaths(
         attention="sdpa", autocast="bf16", conv_gemm_max_pixels=CPU_LOW_PRECISION_CONV_GEMM_MAX_PIXELS,
         persistent_weight_casts=True, fused_optimizer=True)
