@@ -61,11 +61,11 @@ def test_onednn_applies_to_fp32_cpu_calls_only():
         ref = F.linear(x, linear.weight, linear.bias)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, ref, atol=0, rtol=0)  # autocast's own (oneDNN) bf16 matmul, untouched
-    half = Linear(24, 40).double()
-    half.onednn = True
+    float64 = Linear(24, 40).double()
+    float64.onednn = True
     ops = _AtenOps()
     with ops:
-        half(x.double())
+        float64(x.double())
     assert "convolution" not in ops.names
 
 
