@@ -18,7 +18,9 @@ by default, for these contenders:
 The contenders alternate within each repetition, in one process; each figure is the best
 (minimum) step time over the repetitions, so a burst of load from other processes costs a
 repetition, not the result; the ratio to diffusers bf16 is also given per repetition (median and
-range), since this machine's speed can move by a third within minutes. Gradients are freed after every contender's steps (and persistent-cast
+range), since this machine's speed can move by a third within minutes. Each repetition's line gives
+the step's minor page faults: a fresh page costs microseconds, and how many a step takes depends on
+what the allocator has kept from earlier contenders, so it explains much of that spread. Gradients are freed after every contender's steps (and persistent-cast
 buffers dropped), so the models of all contenders fit in memory together (24 GB). FLOPs per sample
 are counted once (torch.utils.flop_counter, sdcore fp32 with math attention) and the share of the
 measured matmul peak of each contender's precision is printed.
@@ -38,6 +40,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import resource
 import statistics
 import time
 from dataclasses import dataclass
@@ -244,14 +247,16 @@ def main() -> None:
             data = step_data(contender, args.batch, args.latent)
             if repeat == 0 or contender.fast_paths.persistent_weight_casts or contender.fast_paths.compile:
                 contender.step(data)  # warm-up (persistent casts: refill the buffers dropped by release; compile)
-            start = time.perf_counter()
+            faults_before, start = minor_page_faults(), time.perf_counter()
             for _ in range(args.steps):
                 contender.step(data)
             seconds = (time.perf_counter() - start) / args.steps
+            faults = (minor_page_faults() - faults_before) // args.steps
             contender.best = min(contender.best, seconds)
             contender.times.append(seconds)
             contender.release()
-            print(f"  repetition {repeat + 1}: {contender.name:<60s} {seconds:7.2f} s/step", flush=True)
+            print(f"  repetition {repeat + 1}: {contender.name:<60s} {seconds:7.2f} s/step, "
+                  f"{faults:9d} page faults/step", flush=True)
 
     print(f"\n| contender | s/step | samples/s | % of {'/'.join(sorted({c.precision for c in contenders}))} "
           f"matmul peak |")
@@ -275,6 +280,12 @@ def main() -> None:
     elif not machine.bf16_is_fast:
         print(f"goal >= {GOAL_VS_DIFFUSERS_BF16}x diffusers bf16: does not apply on this CPU (bf16 is slower than "
               "fp32 here, so no bf16 step is the fast one)")
+
+
+def minor_page_faults() -> int:
+    """This process's minor page faults so far: each is a fresh 4 KB page of a new allocation (with
+    glibc, every allocation over 32 MB is fresh memory), a few microseconds of kernel time apiece."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def ratio_line(baseline: Contender, contender: Contender) -> str:

@@ -78,3 +78,62 @@ def test_unet_routes_its_small_maps_through_gemm(monkeypatch):
     sizes = {tuple(shape[-2:]) for shape in calls}
     assert sizes == {(8, 8), (4, 4)}, sizes
     assert len(calls) >= 8
+
+
+@pytest.mark.parametrize("uses", [1, 2], ids=["once", "twice_in_one_graph"])
+def test_kept_weight_gradient_is_autograds_bitwise_and_keeps_its_memory(uses):
+    """Under bf16 a GEMM layer writes its weight gradient into memory it keeps across steps: the
+    gradients are bitwise those of plain autograd over the same products, over steps that change
+    the weights, also when the layer runs twice on one cast of its weight (its second use must not
+    write into the memory where autograd still holds the first use's gradient)."""
+    torch.manual_seed(0)
+    kept = Conv2d(32, 32, 3, padding=1)
+    kept.gemm_max_pixels = 64
+    plain = torch.nn.Conv2d(32, 32, 3, padding=1)
+    plain.load_state_dict(kept.state_dict())
+
+    def forward(conv, weight_grad):
+        def run(inp):  # one cast of each parameter per forward, as the persistent weight casts
+            weight, bias = conv.weight.to(torch.bfloat16), conv.bias.to(torch.bfloat16)
+            for _ in range(uses):
+                inp = conv2d_gemm(inp, weight, bias, weight_grad)
+            return inp
+        return run
+
+    x = torch.randn(2, 32, 4, 4)
+    for step in range(3):
+        grads = {}
+        for name, conv, weight_grad in (("kept", kept, kept.kept_weight_grad), ("plain", plain, None)):
+            inp = x.clone().requires_grad_()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = forward(conv, weight_grad)(inp)
+            out.float().square().sum().backward()
+            grads[name] = (out, inp.grad, conv.weight.grad, conv.bias.grad)
+        for got, want in zip(grads["kept"], grads["plain"]):
+            torch.testing.assert_close(got, want, atol=0, rtol=0, msg=f"step {step}")
+        with torch.no_grad():
+            for conv in (kept, plain):
+                conv.weight -= 0.1 * conv.weight.grad
+                conv.weight.grad = conv.bias.grad = None
+
+
+def test_kept_weight_gradient_memory_is_reused_across_steps():
+    """The same bf16 memory every step (no weight-sized allocation); in fp32 nothing is kept."""
+    torch.manual_seed(0)
+    conv = Conv2d(32, 32, 3, padding=1)
+    conv.gemm_max_pixels = 64
+    x = torch.randn(2, 32, 4, 4)
+    addresses = set()
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            conv(x).float().sum().backward()
+        buffer = conv.kept_weight_grad.borrow()
+        assert buffer is not None and buffer.dtype == torch.bfloat16 and buffer.shape == (32, 32 * 9)
+        addresses.add(buffer.data_ptr())
+        conv.kept_weight_grad.give_back(buffer)
+    assert len(addresses) == 1
+    # fp32: the weight is the leaf parameter, its gradient becomes .grad, nothing is kept.
+    fresh = Conv2d(32, 32, 3, padding=1)
+    fresh.gemm_max_pixels = 64
+    fresh(x).sum().backward()
+    assert fresh.kept_weight_grad.borrow() is None and fresh.weight.grad is not None
