@@ -283,8 +283,9 @@ def main() -> None:
 
 
 def minor_page_faults() -> int:
-    """This process's minor page faults so far: each is a fresh 4 KB page of a new allocation (with
-    glibc, every allocation over 32 MB is fresh memory), a few microseconds of kernel time apiece."""
+    """This process's minor page faults so far: each is the first touch of a 4 KB page the allocator
+    took fresh from the kernel (glibc does so for a large allocation it cannot serve from memory
+    freed earlier), a few microseconds of kernel time apiece."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
