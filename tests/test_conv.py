@@ -81,7 +81,7 @@ def test_unet_routes_its_small_maps_through_gemm(monkeypatch):
 
 
 @pytest.mark.parametrize("uses", [1, 2], ids=["once", "twice_in_one_graph"])
-def test_kept_weight_gradient_is_autograds_bitwise_and_keeps_its_memory(uses):
+def test_kept_weight_gradient_is_autograds_bitwise(uses):
     """Under bf16 a GEMM layer writes its weight gradient into memory it keeps across steps: the
     gradients are bitwise those of plain autograd over the same products, over steps that change
     the weights, also when the layer runs twice on one cast of its weight (its second use must not
