@@ -136,9 +136,15 @@ class PersistentWeightCasts(nn.Module):
         self.module = module
         self.dtype = dtype
         # Parameter objects stay the same through .to(), load_state_dict and optimizer steps.
-        self.cast_params = {f"{prefix}.{name}" if prefix else name: param
-                            for prefix, sub in module.named_modules() if isinstance(sub, (nn.Linear, nn.Conv2d))
-                            for name, param in sub.named_parameters(recurse=False)}
+        # A weight tied into several layers gets one cast under all their names, as autocast's
+        # cache gives it (its low-precision gradients add up before the one conversion to fp32).
+        names_of: dict[nn.Parameter, list[str]] = {}
+        for prefix, sub in module.named_modules():  # a module used twice is listed once
+            if isinstance(sub, (nn.Linear, nn.Conv2d)):
+                for name, param in sub.named_parameters(recurse=False):
+                    names_of.setdefault(param, []).append(f"{prefix}.{name}" if prefix else name)
+        self.cast_params = {names[0]: param for param, names in names_of.items()}
+        self._tied_names = {names[0]: names for names in names_of.values()}
         self._low_of: dict[str, torch.Tensor] = {}
         self._accumulation_buffer_of: dict[str, torch.Tensor] = {}
         # Each parameter's last .grad, kept by a hook after autograd wrote it; taken back by a forward.
@@ -166,8 +172,11 @@ class PersistentWeightCasts(nn.Module):
         casts, grad_enabled = {}, torch.is_grad_enabled()
         for name, param in self.cast_params.items():
             grad_buffer = self._grad_buffer(name, param) if grad_enabled and param.requires_grad else None
-            casts[name] = _CastInto.apply(param, self._kept(self._low_of, name, param, self.dtype), grad_buffer)
-        return torch.func.functional_call(self.module, casts, args, kwargs)
+            cast = _CastInto.apply(param, self._kept(self._low_of, name, param, self.dtype), grad_buffer)
+            casts.update(dict.fromkeys(self._tied_names[name], cast))
+        # tie_weights=False: the names are given explicitly; torch's own tying restores a module
+        # used twice with the cast in place of its Parameter.
+        return torch.func.functional_call(self.module, casts, args, kwargs, tie_weights=False)
 
 
 def _fits(buffer: torch.Tensor | None, param: torch.Tensor, dtype: torch.dtype) -> bool:

@@ -18,7 +18,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sdcore.attention import CPU_LOW_PRECISION_FUSED_BACKWARD_MIN_QUERIES, CrossAttention
-from sdcore.precision import FastPaths
+from sdcore.precision import FastPaths, PersistentWeightCasts
 from sdcore.unet import UNetModel
 
 
@@ -221,6 +221,35 @@ def test_persistent_weight_casts_equal_autocast_bitwise(golden, set_to_none):
         persistent.zero_grad(set_to_none=set_to_none)
     cast_names = runnable["persistent"].cast_params
     assert cast_names and all("norm" not in n for n in cast_names)
+
+
+@pytest.mark.parametrize("sharing", ["module_used_twice", "weight_tied"])
+def test_persistent_weight_casts_leave_shared_parameters_in_place(sharing):
+    """A submodule used twice, or one weight tied into two layers: the outputs and gradients are
+    plain autocast's, and after the call each module holds its fp32 Parameter again (not the cast)."""
+    def build():
+        torch.manual_seed(0)
+        first, second = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+        if sharing == "weight_tied":
+            second.weight = first.weight
+        return torch.nn.Sequential(first, torch.nn.GELU(), first if sharing == "module_used_twice" else second)
+    plain, persistent = build(), build()
+    runnable = PersistentWeightCasts(persistent, torch.bfloat16)
+    x = torch.randn(3, 8)
+    for step in range(2):
+        outs = []
+        for model in (plain, runnable):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(x)
+            out.float().square().sum().backward()
+            outs.append(out)
+        torch.testing.assert_close(outs[1], outs[0], atol=0, rtol=0)
+        for (name, p), q in zip(plain.named_parameters(remove_duplicate=False),
+                                persistent.named_parameters(remove_duplicate=False)):
+            assert type(q[1]) is torch.nn.Parameter and q[1].dtype == torch.float32, (step, name)
+            torch.testing.assert_close(q[1].grad, p.grad, atol=0, rtol=0, msg=f"step {step}: {name}")
+        plain.zero_grad(set_to_none=True)
+        persistent.zero_grad(set_to_none=True)
 
 
 class _WeightSizedOps(TorchDispatchMode):
