@@ -123,12 +123,15 @@ def test_compiled_model_matches_eager(golden):
 
 
 @pytest.mark.compile
-def test_compiled_persistent_weight_casts_match_eager_within_bf16_rounding(golden):
-    """torch.compile over persistent weight casts (the wrapper is what gets compiled): over two
+@pytest.mark.parametrize("conv_gemm_max_pixels", [0, ALL_MAPS], ids=["onednn_convs", "gemm_convs"])
+def test_compiled_persistent_weight_casts_match_eager_within_bf16_rounding(golden, conv_gemm_max_pixels):
+    """torch.compile over persistent weight casts (the wrapper is what gets compiled), with the
+    convolutions on oneDNN or all on the GEMM kernel (the recommended bf16 path compiled): over two
     steps the output and fp32 gradients stay within the bf16 tolerance of fp32 eager on the same
     weights, and the first step's weight update reaches the casts of the second."""
     inputs = (golden["x"], golden["t"], golden["context"])
-    paths = FastPaths(attention="sdpa", autocast="bf16", persistent_weight_casts=True)
+    paths = FastPaths(attention="sdpa", autocast="bf16", persistent_weight_casts=True,
+                      conv_gemm_max_pixels=conv_gemm_max_pixels)
     eager, compiled = mini_unet(golden), mini_unet(golden)
     runnable = dataclasses.replace(paths, compile=True).apply(compiled)
     outputs = []
