@@ -7,9 +7,11 @@ backward. It computes the same convolution with the sums in a different order: i
 agree to rounding, under autocast both round once to the low dtype. On GPUs leave it off (cuDNN
 picks its own algorithms).
 
-``Conv2d`` is ``nn.Conv2d`` (same parameters and state_dict names) with one switch,
+``Conv2d`` is ``nn.Conv2d`` (same parameters and state_dict names) with two switches:
 ``gemm_max_pixels``: a stride-1, "same"-padded, ungrouped call on a map of at most that many
-pixels (H x W) takes the GEMM kernel; 0 (the default) keeps every call on ``F.conv2d``.
+pixels (H x W) takes the GEMM kernel; 0 (the default) keeps every call on ``F.conv2d``; and
+``gemm_onednn``: in fp32 on a CPU, the GEMM is oneDNN's (``sdcore.linear.linear_onednn``, the
+``onednn_linear`` fast path) instead of MKL's sgemm, which runs AVX2 code on AMD EPYCs.
 
 Under autocast the module also keeps the memory of its low-precision weight gradient across
 steps (``WeightGradBuffer``): at these levels that gradient is 29-59 MB of bf16 per layer, and a
@@ -20,6 +22,8 @@ product itself).
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from sdcore.linear import linear_onednn
 
 
 class WeightGradBuffer:
@@ -70,20 +74,22 @@ class _GemmProduct(torch.autograd.Function):
 
 
 def conv2d_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                weight_grad: WeightGradBuffer | None = None) -> torch.Tensor:
+                weight_grad: WeightGradBuffer | None = None, onednn: bool = False) -> torch.Tensor:
     """Stride-1 convolution with padding kernel // 2, as im2col + one GEMM.
 
     Returns (N, C_out, H, W) in the input's memory format: channels-last for a channels-last input
     (the GEMM's rows are pixels, so that is a view), contiguous otherwise. With ``weight_grad``, a
     weight that is not a leaf (a cast of the parameter, whose backward copies its gradient
     elsewhere) gets its gradient in that kept memory; a leaf's gradient becomes ``.grad`` itself,
-    so it is never written into memory that is reused.
+    so it is never written into memory that is reused. With ``onednn``, an fp32 call (no autocast)
+    runs its products on oneDNN's GEMM.
     """
     n, _, h, w = x.shape
     c_out, _, kh, kw = weight.shape
     channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    autocast = torch.is_autocast_enabled(device_type)
+    if autocast:
         # Cast once here, as autocast would for the convolution: the unfolded copy is then made
         # in the low dtype and addmm below finds nothing to cast.
         dtype = torch.get_autocast_dtype(device_type)
@@ -97,6 +103,8 @@ def conv2d_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     # (C_out, C_in, kh, kw) -> (C_in*kh*kw, C_out), the order F.unfold lays out a patch in.
     if weight_grad is not None and not torch.compiler.is_compiling() and weight.grad_fn is not None:
         out = _GemmProduct.apply(cols, weight.reshape(c_out, -1), bias, weight_grad)
+    elif onednn and not autocast and device_type == "cpu" and cols.dtype == weight.dtype == torch.float32:
+        out = linear_onednn(cols, weight.reshape(c_out, -1), bias)
     else:
         weight_matrix = weight.reshape(c_out, -1).t()
         out = cols @ weight_matrix if bias is None else torch.addmm(bias, cols, weight_matrix)
@@ -110,9 +118,11 @@ def conv2d_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 class Conv2d(nn.Conv2d):
-    """``nn.Conv2d`` that runs small maps through ``conv2d_gemm`` when ``gemm_max_pixels`` > 0."""
+    """``nn.Conv2d`` that runs small maps through ``conv2d_gemm`` when ``gemm_max_pixels`` > 0
+    (on oneDNN's GEMM in fp32 when ``gemm_onednn`` is set)."""
 
     gemm_max_pixels: int = 0
+    gemm_onednn: bool = False
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -127,13 +137,14 @@ class Conv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gemm_max_pixels and self._gemm_applies(x):
-            return conv2d_gemm(x, self.weight, self.bias, self.kept_weight_grad)
+            return conv2d_gemm(x, self.weight, self.bias, self.kept_weight_grad, self.gemm_onednn)
         return super().forward(x)
 
 
-def set_conv_gemm(model: nn.Module, max_pixels: int) -> int:
-    """Set ``gemm_max_pixels`` on every ``Conv2d`` inside ``model``; returns how many were set."""
+def set_conv_gemm(model: nn.Module, max_pixels: int, onednn: bool = False) -> int:
+    """Set ``gemm_max_pixels`` and ``gemm_onednn`` on every ``Conv2d`` inside ``model``; returns how
+    many were set."""
     convs = [module for module in model.modules() if isinstance(module, Conv2d)]
     for conv in convs:
-        conv.gemm_max_pixels = max_pixels
+        conv.gemm_max_pixels, conv.gemm_onednn = max_pixels, onednn
     return len(convs)

@@ -34,7 +34,7 @@ class FastPaths:
     compile: bool = False
     conv_gemm_max_pixels: int = 0  # 0 | maps of at most this many pixels convolve as one GEMM
     persistent_weight_casts: bool = False  # with autocast: weight casts into buffers kept across steps
-    onednn_linear: bool = False    # fp32 linear layers on a CPU through oneDNN instead of the BLAS sgemm
+    onednn_linear: bool = False    # fp32 linear layers and GEMM convolutions on a CPU: oneDNN's GEMM, not the BLAS sgemm
     fused_optimizer: bool = False  # AdamW as one fused kernel (ulp-level differences) | foreach
 
     def __post_init__(self):
@@ -65,7 +65,7 @@ class FastPaths:
         original module for ``state_dict`` and the optimizer (they share parameters).
         """
         set_attention_backend(model, self.attention)
-        set_conv_gemm(model, self.conv_gemm_max_pixels)
+        set_conv_gemm(model, self.conv_gemm_max_pixels, onednn=self.onednn_linear)
         set_linear_onednn(model, self.onednn_linear)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -277,8 +277,8 @@ def recommend_fast_paths(precision: str = "fp32", device: str | torch.device = "
     * CUDA: channels-last (cuDNN's NHWC kernels), no GEMM convolutions (cuDNN picks its own);
     * CPU, fp32: convolutions on maps of at most ``CPU_FP32_CONV_GEMM_MAX_PIXELS`` pixels as GEMMs;
       contiguous (NCHW) activations, which oneDNN's fp32 kernels run faster than channels-last on
-      the UNet's small maps; linear layers through oneDNN where its fp32 GEMM beats the BLAS
-      sgemm by ``ONEDNN_LINEAR_MARGIN`` (AMD EPYCs, where MKL takes its AVX2 path);
+      the UNet's small maps; linear layers and those GEMM convolutions on oneDNN's GEMM where it
+      beats the BLAS sgemm in fp32 by ``ONEDNN_LINEAR_MARGIN`` (AMD EPYCs, where MKL takes its AVX2 path);
     * CPU, bf16/fp16 autocast where bf16 is fast: GEMM convolutions up to
       ``CPU_LOW_PRECISION_CONV_GEMM_MAX_PIXELS`` pixels and persistent weight casts. Where bf16 is
       not fast, the fp32 choice (autocast stays as asked: precision is the run's decision, and

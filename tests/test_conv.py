@@ -5,14 +5,16 @@ import torch
 
 import sdcore.conv
 from sdcore.conv import Conv2d, conv2d_gemm, set_conv_gemm
+from test_linear import _AtenOps
 from sdcore.precision import FastPaths
 from sdcore.unet import UNetModel
 
 
+@pytest.mark.parametrize("onednn", [False, True], ids=["blas_gemm", "onednn_gemm"])
 @pytest.mark.parametrize("kernel", [1, 3])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_gemm_matches_conv2d_fp32(kernel, bias, channels_last):
+def test_gemm_matches_conv2d_fp32(kernel, bias, channels_last, onednn):
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(24, 40, kernel, padding=kernel // 2, bias=bias)
     x = torch.randn(3, 24, 5, 7, requires_grad=True)
@@ -21,8 +23,11 @@ def test_gemm_matches_conv2d_fp32(kernel, bias, channels_last):
     inp = x.contiguous(memory_format=torch.channels_last) if channels_last else x
     ref = conv(inp)
     ref_grads = torch.autograd.grad(ref.square().sum(), [x, *conv.parameters()])
-    out = conv2d_gemm(inp, conv.weight, conv.bias)
-    grads = torch.autograd.grad(out.square().sum(), [x, *conv.parameters()])
+    ops = _AtenOps()
+    with ops:
+        out = conv2d_gemm(inp, conv.weight, conv.bias, onednn=onednn)
+        grads = torch.autograd.grad(out.square().sum(), [x, *conv.parameters()])
+    assert ("_linear_pointwise" in ops.names) == onednn and ("mm" in ops.names) != onednn, ops.names
     assert out.shape == ref.shape
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     for got, want in zip(grads, ref_grads):
