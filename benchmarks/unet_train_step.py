@@ -19,13 +19,18 @@ The contenders alternate within each repetition, in one process; each figure is 
 (minimum) step time over the repetitions, so a burst of load from other processes costs a
 repetition, not the result; the ratio to diffusers bf16 is also given per repetition (median and
 range), since this machine's speed can move by a third within minutes. Each repetition's line gives
-the step's minor page faults: a fresh page costs microseconds, and how many a step takes depends on
-what the allocator has kept from earlier contenders, so it explains much of that spread. Gradients are freed after every contender's steps (and persistent-cast
-buffers dropped), so the models of all contenders fit in memory together (24 GB). FLOPs per sample
+the step's minor page faults: a fresh page costs microseconds. The heap policy is the whole
+process's: ``keep_freed_memory`` (what ``recommend_fast_paths`` picks on a CPU, and the trainer
+then sets) is set once before the first contender, so every contender, diffusers' too, runs
+without page faults; ``--default-heap`` keeps glibc's default instead, under which each step
+page-faults its large blocks in again (a third of the fp32 step) and how many depends on what
+earlier contenders left in the allocator. Gradients are freed after every contender's steps (and
+persistent-cast buffers dropped), so the models of all contenders fit in memory together (24 GB). FLOPs per sample
 are counted once (torch.utils.flop_counter, sdcore fp32 with math attention) and the share of the
 measured matmul peak of each contender's precision is printed.
 
     python benchmarks/unet_train_step.py [--repeats 3] [--steps 1] [--no-diffusers] [--profile NAME] [--compile]
+                                         [--default-heap]
 
 ``--compile`` adds sdcore through torch.compile (``train.fast_paths.compile``, sdpa, bf16 where bf16
 is fast); its first step, the compilation, is the untimed warm-up.
@@ -51,7 +56,7 @@ from machine import MachineInfo  # benchmarks/machine.py; also puts the reposito
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from sdcore.precision import FastPaths, recommend_fast_paths
+from sdcore.precision import FastPaths, keep_freed_memory, recommend_fast_paths
 from sdcore.unet import UNetModel
 
 SD2_UNET_PARAMS = {
@@ -128,7 +133,9 @@ class Contender:
         module = self.model()
         module.to(memory_format=torch.channels_last if self.fast_paths.channels_last else torch.contiguous_format)
         if self.family == "sdcore":
-            self.runnable = dataclasses.replace(self.fast_paths, channels_last=False).apply(module)
+            # the heap policy is the whole process's, set once in main() for every contender
+            self.runnable = dataclasses.replace(self.fast_paths, channels_last=False,
+                                                keep_freed_memory=False).apply(module)
         else:
             self.runnable = module
         return self.runnable
@@ -184,6 +191,9 @@ def main() -> None:
     parser.add_argument("--no-diffusers", action="store_true")
     parser.add_argument("--only", nargs="+", help="run only the contenders whose names contain one of these")
     parser.add_argument("--profile", help="profile one step of the contender whose name contains this, then exit")
+    parser.add_argument("--default-heap", action="store_true",
+                        help="leave glibc's heap policy as it is (large blocks mapped fresh and page-faulted in "
+                             "every step) instead of keep_freed_memory for the whole process")
     parser.add_argument("--compile", action="store_true",
                         help="add sdcore with train.fast_paths.compile (sdpa; bf16 where bf16 is fast); minutes")
     args = parser.parse_args()
@@ -195,6 +205,11 @@ def main() -> None:
     recommended = recommend_fast_paths("fp32", fp32_gflops=machine.fp32_gflops, bf16_gflops=machine.bf16_gflops,
                                        onednn_fp32_gflops=machine.onednn_fp32_gflops)
     print(f"recommend_fast_paths('fp32') on this CPU: {recommended}")
+    if recommended.keep_freed_memory and not args.default_heap and keep_freed_memory():
+        print("heap: keep_freed_memory (the recommendation) set for the whole process, so every contender, "
+              "diffusers' too, runs without the page faults of memory freed and taken again (--default-heap: glibc's default)")
+    else:
+        print("heap: glibc's default: blocks above its mmap threshold are mapped fresh and page-faulted in every step")
 
     models: dict[str, torch.nn.Module] = {}
 

@@ -12,6 +12,8 @@ within 1e-6 of it (relative, weights after 5 steps).
 import collections
 import dataclasses
 import gc
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -384,20 +386,22 @@ def test_recommendations_follow_the_measured_peaks():
     assert recommend_precision(**amx) == "bf16"
     for peaks in (no_amx, amx, avx2):  # fp32 on any CPU: sdpa + GEMM convolutions on the smallest maps
         assert recommend_fast_paths("fp32", "cpu", **peaks, onednn_fp32_gflops=peaks["fp32_gflops"]) == FastPaths(
-            attention="sdpa", conv_gemm_max_pixels=CPU_FP32_CONV_GEMM_MAX_PIXELS, fused_optimizer=True)
+            attention="sdpa", conv_gemm_max_pixels=CPU_FP32_CONV_GEMM_MAX_PIXELS, fused_optimizer=True, keep_freed_memory=True)
     # where MKL's sgemm takes its AVX2 path (AMD EPYC with AVX-512, measured 175 against oneDNN's 321)
     epyc = dict(fp32_gflops=175.0, bf16_gflops=798.0, onednn_fp32_gflops=321.0)
     assert recommend_fast_paths("fp32", "cpu", **epyc) == FastPaths(
-        attention="sdpa", conv_gemm_max_pixels=CPU_FP32_CONV_GEMM_MAX_PIXELS, onednn_linear=True, fused_optimizer=True)
+        attention="sdpa", conv_gemm_max_pixels=CPU_FP32_CONV_GEMM_MAX_PIXELS, onednn_linear=True, fused_optimizer=True,
+        keep_freed_memory=True)
     assert not recommend_fast_paths("bf16", "cpu", **epyc).onednn_linear  # inert under autocast: not set
     assert not recommend_fast_paths("fp32", "cpu", fp32_gflops=175.0, bf16_gflops=1.0,
                                     onednn_fp32_gflops=200.0).onednn_linear  # within the margin
     assert recommend_fast_paths("bf16", "cpu", **amx) == FastPaths(
         attention="sdpa", autocast="bf16", conv_gemm_max_pixels=CPU_LOW_PRECISION_CONV_GEMM_MAX_PIXELS,
-        persistent_weight_casts=True, fused_optimizer=True)
+        persistent_weight_casts=True, fused_optimizer=True, keep_freed_memory=True)
     # bf16 asked for where it is slow: the run's precision is kept, the fp32 kernel choices apply
     assert recommend_fast_paths("bf16", "cpu", **no_amx) == FastPaths(
-        attention="sdpa", autocast="bf16", conv_gemm_max_pixels=CPU_FP32_CONV_GEMM_MAX_PIXELS, fused_optimizer=True)
+        attention="sdpa", autocast="bf16", conv_gemm_max_pixels=CPU_FP32_CONV_GEMM_MAX_PIXELS, fused_optimizer=True,
+        keep_freed_memory=True)
     assert recommend_fast_paths("fp16", "cuda") == FastPaths(attention="sdpa", channels_last=True, autocast="fp16",
                                                              fused_optimizer=True)
     # every recommendation is a valid switch set that FastPaths.from_config accepts back
@@ -405,6 +409,31 @@ def test_recommendations_follow_the_measured_peaks():
         paths = recommend_fast_paths(precision, "cpu", **amx)
         block = {k: v for k, v in dataclasses.asdict(paths).items() if k != "autocast"}
         assert FastPaths.from_config(block, precision) == paths
+
+
+_PAGE_FAULTS_PER_STEP = """
+import resource, sys, torch
+from sdcore.precision import FastPaths
+if sys.argv[1] == "keep":
+    FastPaths(keep_freed_memory=True).apply(torch.nn.Linear(1, 1))
+def step():  # a training step's pattern: the same large blocks written, then freed, every step
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    blocks = [torch.ones(mb << 20, dtype=torch.uint8) for mb in (48, 64, 96, 64)]
+    del blocks
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(*[step() for _ in range(12)])
+"""
+
+
+def test_keep_freed_memory_steps_without_page_faults():
+    """Steps that write and free the same 272 MB: glibc's default maps the blocks fresh every step
+    (a fault per page, 69 k); with ``keep_freed_memory`` (set through ``FastPaths.apply``) the heap
+    grows over the first steps, then serves every step from memory it kept."""
+    faults = {policy: [int(n) for n in subprocess.run(
+                  [sys.executable, "-c", _PAGE_FAULTS_PER_STEP, policy],
+                  check=True, capture_output=True, text=True).stdout.split()]
+              for policy in ("default", "keep")}
+    assert min(faults["default"]) > 60_000 and max(faults["keep"][-3:]) < 100, faults
 
 
 def adamw_weights(golden, steps: int = 5, **options) -> torch.Tensor:
