@@ -20,8 +20,8 @@ The contenders alternate within each repetition, in one process; each figure is 
 repetition, not the result; the ratio to diffusers bf16 is also given per repetition (median and
 range), since this machine's speed can move by a third within minutes. Each repetition's line gives
 the step's minor page faults: a fresh page costs microseconds. The heap policy is the whole
-process's: ``keep_freed_memory`` (what ``recommend_fast_paths`` picks on a CPU, and the trainer
-then sets) is set once before the first contender, so every contender, diffusers' too, runs
+process's: ``keep_freed_memory`` (what ``recommend_fast_paths`` picks on a CPU; the trainer sets it
+with ``train.fast_paths.keep_freed_memory``) is set once before the first contender, so every contender, diffusers' too, runs
 without page faults; ``--default-heap`` keeps glibc's default instead, under which each step
 page-faults its large blocks in again (a third of the fp32 step) and how many depends on what
 earlier contenders left in the allocator. Gradients are freed after every contender's steps (and
