@@ -37,6 +37,9 @@ is fast); its first step, the compilation, is the untimed warm-up.
 
 ``--profile NAME`` runs one step of the contender whose name contains NAME under torch.profiler
 and prints the operators by self time (what the optimisation of the sdcore paths was based on).
+Under the profiler some oneDNN convolution backwards take several times as long as without it
+(measured on an AMD EPYC: the stride-2 1280-channel one 208-217 ms profiled, 27-31 ms timed alone in
+the same step; the step 8.5 s against 6.4), so time a lead without the profiler before acting on it.
 Needs the `bench` extra: pip install diffusers.
 """
 
