@@ -279,6 +279,7 @@ def warn_if_slow_precision(precision: str, device: torch.device) -> None:
 # What recommend_fast_paths picks, per case; each choice measured with benchmarks/unet_train_step.py
 # (full-size UNet, batch 4, 32x32 latent; README speed section).
 CPU_FP32_CONV_GEMM_MAX_PIXELS = 16     # fp32 on a CPU: oneDNN's backward on 4x4 maps is the slow case
+CPU_FP32_ONEDNN_CONV_GEMM_MAX_PIXELS = 64  # fp32 where the GEMM is oneDNN's (onednn_linear): 8x8 maps too
 CPU_LOW_PRECISION_CONV_GEMM_MAX_PIXELS = 64  # bf16/fp16 autocast on a CPU with fast bf16 (AMX, Zen AVX-512 BF16)
 FAST_BF16_MARGIN = 1.0                 # bf16 counts as fast where its matmul beats fp32 by this factor
 ONEDNN_LINEAR_MARGIN = 1.2             # fp32 linears go to oneDNN where it beats the BLAS sgemm by this factor
@@ -303,7 +304,8 @@ def recommend_fast_paths(precision: str = "fp32", device: str | torch.device = "
       and the fused AdamW kernel (one pass over the parameters instead of a dozen);
     * CPU: ``keep_freed_memory`` (no page faults for the memory every step frees and takes again);
     * CUDA: channels-last (cuDNN's NHWC kernels), no GEMM convolutions (cuDNN picks its own);
-    * CPU, fp32: convolutions on maps of at most ``CPU_FP32_CONV_GEMM_MAX_PIXELS`` pixels as GEMMs;
+    * CPU, fp32: convolutions on maps of at most ``CPU_FP32_CONV_GEMM_MAX_PIXELS`` pixels as GEMMs
+      (``CPU_FP32_ONEDNN_CONV_GEMM_MAX_PIXELS`` where the GEMM is oneDNN's);
       contiguous (NCHW) activations, which oneDNN's fp32 kernels run faster than channels-last on
       the UNet's small maps; linear layers and those GEMM convolutions on oneDNN's GEMM where it
       beats the BLAS sgemm in fp32 by ``ONEDNN_LINEAR_MARGIN`` (AMD EPYCs, where MKL takes its AVX2 path);
@@ -319,8 +321,9 @@ def recommend_fast_paths(precision: str = "fp32", device: str | torch.device = "
     if autocast is not None and recommend_precision(fp32_gflops, bf16_gflops) == "bf16":
         return FastPaths(attention="sdpa", autocast=autocast, conv_gemm_max_pixels=CPU_LOW_PRECISION_CONV_GEMM_MAX_PIXELS,
                          persistent_weight_casts=True, fused_optimizer=True, keep_freed_memory=True)
-    return FastPaths(attention="sdpa", autocast=autocast, conv_gemm_max_pixels=CPU_FP32_CONV_GEMM_MAX_PIXELS,
-                     onednn_linear=autocast is None and onednn_beats_blas(fp32_gflops, onednn_fp32_gflops),
+    onednn = autocast is None and onednn_beats_blas(fp32_gflops, onednn_fp32_gflops)
+    return FastPaths(attention="sdpa", autocast=autocast, onednn_linear=onednn,
+                     conv_gemm_max_pixels=CPU_FP32_ONEDNN_CONV_GEMM_MAX_PIXELS if onednn else CPU_FP32_CONV_GEMM_MAX_PIXELS,
                      fused_optimizer=True, keep_freed_memory=True)
 
 

@@ -377,7 +377,8 @@ def test_recommended_cpu_fp32_path_matches_eager(golden, eager_fp32):
 
 
 def test_recommendations_follow_the_measured_peaks():
-    from sdcore.precision import (CPU_FP32_CONV_GEMM_MAX_PIXELS, CPU_LOW_PRECISION_CONV_GEMM_MAX_PIXELS,
+    from sdcore.precision import (CPU_FP32_CONV_GEMM_MAX_PIXELS, CPU_FP32_ONEDNN_CONV_GEMM_MAX_PIXELS,
+                                  CPU_LOW_PRECISION_CONV_GEMM_MAX_PIXELS,
                                   recommend_fast_paths, recommend_precision)
 
     no_amx, amx, avx2 = dict(fp32_gflops=135.0, bf16_gflops=83.0), dict(fp32_gflops=190.0, bf16_gflops=1343.0), \
@@ -389,8 +390,8 @@ def test_recommendations_follow_the_measured_peaks():
             attention="sdpa", conv_gemm_max_pixels=CPU_FP32_CONV_GEMM_MAX_PIXELS, fused_optimizer=True, keep_freed_memory=True)
     # where MKL's sgemm takes its AVX2 path (AMD EPYC with AVX-512, measured 175 against oneDNN's 321)
     epyc = dict(fp32_gflops=175.0, bf16_gflops=798.0, onednn_fp32_gflops=321.0)
-    assert recommend_fast_paths("fp32", "cpu", **epyc) == FastPaths(
-        attention="sdpa", conv_gemm_max_pixels=CPU_FP32_CONV_GEMM_MAX_PIXELS, onednn_linear=True, fused_optimizer=True,
+    assert recommend_fast_paths("fp32", "cpu", **epyc) == FastPaths(  # with oneDNN's GEMM, 8x8 maps as GEMMs too
+        attention="sdpa", conv_gemm_max_pixels=CPU_FP32_ONEDNN_CONV_GEMM_MAX_PIXELS, onednn_linear=True, fused_optimizer=True,
         keep_freed_memory=True)
     assert not recommend_fast_paths("bf16", "cpu", **epyc).onednn_linear  # inert under autocast: not set
     assert not recommend_fast_paths("fp32", "cpu", fp32_gflops=175.0, bf16_gflops=1.0,
