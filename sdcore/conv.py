@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdcore.linear import linear_onednn
+from sdcore.linear import linear_onednn, onednn_applies
 
 
 class WeightGradBuffer:
@@ -88,8 +88,7 @@ def conv2d_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     c_out, _, kh, kw = weight.shape
     channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     device_type = x.device.type
-    autocast = torch.is_autocast_enabled(device_type)
-    if autocast:
+    if torch.is_autocast_enabled(device_type):
         # Cast once here, as autocast would for the convolution: the unfolded copy is then made
         # in the low dtype and addmm below finds nothing to cast.
         dtype = torch.get_autocast_dtype(device_type)
@@ -103,7 +102,7 @@ def conv2d_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     # (C_out, C_in, kh, kw) -> (C_in*kh*kw, C_out), the order F.unfold lays out a patch in.
     if weight_grad is not None and not torch.compiler.is_compiling() and weight.grad_fn is not None:
         out = _GemmProduct.apply(cols, weight.reshape(c_out, -1), bias, weight_grad)
-    elif onednn and not autocast and device_type == "cpu" and cols.dtype == weight.dtype == torch.float32:
+    elif onednn and onednn_applies(cols, weight):
         out = linear_onednn(cols, weight.reshape(c_out, -1), bias)
     else:
         weight_matrix = weight.reshape(c_out, -1).t()

@@ -45,6 +45,12 @@ class _OneDNNLinear(torch.autograd.Function):
         return grad_rows, grad_weight, grad_bias
 
 
+def onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a product of ``x`` and ``weight`` is one the oneDNN path takes: fp32 on a CPU, no autocast."""
+    return (x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu"
+            and not torch.is_autocast_enabled("cpu"))
+
+
 def linear_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for fp32 on a CPU, forward and backward on oneDNN's GEMM
     (``F.linear`` itself while torch.compile traces: inductor cannot lower the op on a weight
@@ -61,8 +67,7 @@ class Linear(nn.Linear):
     onednn: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.onednn and x.dtype == self.weight.dtype == torch.float32 and x.device.type == "cpu"
-                and not torch.is_autocast_enabled("cpu")):
+        if self.onednn and onednn_applies(x, self.weight):
             return linear_onednn(x, self.weight, self.bias)
         return super().forward(x)
 
