@@ -29,17 +29,18 @@ persistent-cast buffers dropped), so the models of all contenders fit in memory 
 are counted once (torch.utils.flop_counter, sdcore fp32 with math attention) and the share of the
 measured matmul peak of each contender's precision is printed.
 
-    python benchmarks/unet_train_step.py [--repeats 3] [--steps 1] [--no-diffusers] [--profile NAME] [--compile]
+    python benchmarks/unet_train_step.py [--repeats 3] [--steps 1] [--no-diffusers] [--op-times NAME] [--compile]
                                          [--default-heap]
 
 ``--compile`` adds sdcore through torch.compile (``train.fast_paths.compile``, sdpa, bf16 where bf16
 is fast); its first step, the compilation, is the untimed warm-up.
 
-``--profile NAME`` runs one step of the contender whose name contains NAME under torch.profiler
-and prints the operators by self time (what the optimisation of the sdcore paths was based on).
-Under the profiler some oneDNN convolution backwards take several times as long as without it
-(measured on an AMD EPYC: the stride-2 1280-channel one 208-217 ms profiled, 27-31 ms timed alone in
-the same step; the step 8.5 s against 6.4), so time a lead without the profiler before acting on it.
+``--op-times NAME`` times one step of the contender whose name contains NAME operator by operator
+(each aten call between two clock reads, the third step, no profiler) and prints the time, FLOPs and
+GFLOP/s of each class of operators and of the costliest operator shapes: where the step's time goes
+and how near each kind of kernel runs to the matmul peak. torch.profiler was not used for this: under
+it some oneDNN convolution backwards took several times as long (measured on an AMD EPYC: the
+stride-2 1280-channel one 208-217 ms profiled, 27-31 ms timed alone in the same step).
 Needs the `bench` extra: pip install diffusers.
 """
 
@@ -57,7 +58,8 @@ from typing import Callable
 from machine import MachineInfo  # benchmarks/machine.py; also puts the repository on sys.path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from sdcore.precision import FastPaths, keep_freed_memory, recommend_fast_paths
 from sdcore.unet import UNetModel
@@ -170,18 +172,80 @@ def count_flops(model, batch: int, latent: int) -> float:
     return counter.get_total_flops() / batch
 
 
-def profile(contender: Contender, batch: int, latent: int, rows: int = 30) -> None:
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+OP_CLASSES = {
+    "mm": "matrix products", "addmm": "matrix products", "bmm": "matrix products", "baddbmm": "matrix products",
+    "convolution": "convolutions, forward", "convolution_backward": "convolutions, backward",
+    "_scaled_dot_product_flash_attention_for_cpu": "fused attention, forward",
+    "_scaled_dot_product_flash_attention_for_cpu_backward": "fused attention, backward",
+    "copy_": "casts and copies", "_to_copy": "casts and copies", "clone": "casts and copies",
+    "im2col": "unfold/fold of GEMM convolutions", "col2im": "unfold/fold of GEMM convolutions",
+}
+# flop_counter has formulas for the CUDA flash attention only; the CPU kernels take the same leading shapes.
+OP_FLOPS = {
+    **{packet.__name__: formula for packet, formula in flop_registry.items()},
+    "_scaled_dot_product_flash_attention_for_cpu": flop_registry[torch.ops.aten._scaled_dot_product_flash_attention],
+    "_scaled_dot_product_flash_attention_for_cpu_backward":
+        flop_registry[torch.ops.aten._scaled_dot_product_flash_attention_backward],
+}
 
+
+class OpTimer(TorchDispatchMode):
+    """Wall time and FLOPs of every aten call under it: (seconds, op name, FLOPs, argument shapes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[float, str, int, str]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        start = time.perf_counter()
+        out = func(*args, **kwargs)
+        seconds = time.perf_counter() - start
+        name = func.overloadpacket.__name__
+        flops = OP_FLOPS[name](*args, **kwargs, out_val=out) if name in OP_FLOPS else 0
+        shapes = " ".join(f"{str(a.dtype).removeprefix('torch.')}{list(a.shape)}"
+                          for a in args[:3] if isinstance(a, torch.Tensor))
+        self.calls.append((seconds, name, flops, shapes))
+        return out
+
+
+def op_times(contender: Contender, batch: int, latent: int, peak_gflops: float, rows: int = 25) -> None:
+    """Print where one step's time goes by operator class and shape, with each one's GFLOP/s."""
     contender.prepare()
     data = step_data(contender, batch, latent)
-    contender.step(data)  # warm-up
-    with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+    for _ in range(2):  # warm-up: oneDNN's primitive caches, persistent casts, the heap
         contender.step(data)
-    print(f"\nprofile of one step, {contender.name}:")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
-    print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=rows))
+    timer = OpTimer()
+    start = time.perf_counter()
+    with timer:
+        contender.step(data)
+    wall = time.perf_counter() - start
     contender.release()
+    total = sum(call[0] for call in timer.calls)
+    print(f"\none step of {contender.name}, operator by operator: {wall:.2f} s wall (with the timer's own "
+          f"overhead), {total:.2f} s in {len(timer.calls)} aten calls; % of peak against the {contender.precision} "
+          f"matmul peak {peak_gflops:.0f} GFLOP/s")
+
+    def row(label: str, seconds: float, count: int, flops: int) -> str:
+        rate = flops / seconds / 1e9
+        cells = f" {flops / 1e9:.1f} | {rate:.0f} | {100 * rate / peak_gflops:.0f} |" if flops else " | | |"
+        return f"| {label} | {count} | {1e3 * seconds:.1f} | {100 * seconds / total:.1f} |" + cells
+
+    def table(title: str, key: Callable[[tuple], str], limit: int | None) -> list[str]:
+        groups: dict[str, list] = {}
+        for call in timer.calls:
+            group = groups.setdefault(key(call), [0.0, 0, 0])
+            group[0] += call[0]
+            group[1] += 1
+            group[2] += call[2]
+        ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])[:limit]
+        return [f"\n| {title} | calls | ms | % of the step | GFLOP | GFLOP/s | % of peak |",
+                "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"] + [row(label, *group) for label, group in ranked]
+
+    other = "everything else (norms, activations, elementwise)"
+    print("\n".join(table("operator class", lambda call: OP_CLASSES.get(call[1], other), None)))
+    print(row("all", total, len(timer.calls), sum(call[2] for call in timer.calls)))
+    print("\n".join(table("operator and argument shapes", lambda call: f"{call[1]} {call[3]}", rows)))
 
 
 def main() -> None:
@@ -193,7 +257,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-diffusers", action="store_true")
     parser.add_argument("--only", nargs="+", help="run only the contenders whose names contain one of these")
-    parser.add_argument("--profile", help="profile one step of the contender whose name contains this, then exit")
+    parser.add_argument("--op-times", metavar="NAME",
+                        help="time one step of the contender whose name contains this operator by operator, then exit")
     parser.add_argument("--default-heap", action="store_true",
                         help="leave glibc's heap policy as it is (large blocks mapped fresh and page-faulted in "
                              "every step) instead of keep_freed_memory for the whole process")
@@ -249,8 +314,9 @@ def main() -> None:
     if args.only:
         contenders = [c for c in contenders if any(word in c.name for word in args.only)]
 
-    if args.profile:
-        profile(next(c for c in contenders if args.profile in c.name), args.batch, args.latent)
+    if args.op_times:
+        chosen = next(c for c in contenders if args.op_times in c.name)
+        op_times(chosen, args.batch, args.latent, machine.peak_gflops(chosen.precision))
         return
 
     print(f"\ntraining step (forward + backward), batch {args.batch}, latent {args.latent}x{args.latent}, "
@@ -295,6 +361,10 @@ def main() -> None:
         fastest = min((c for c in contenders if c.family == "sdcore"), key=lambda c: c.best)
         print(f"sdcore's fastest path / diffusers bf16: {ratio_line(by_name['diffusers bf16 autocast'], fastest)} "
               f"(goal >= {GOAL_VS_DIFFUSERS_BF16}x where bf16 is fast)")
+        goal_seconds = by_name["diffusers bf16 autocast"].best / GOAL_VS_DIFFUSERS_BF16
+        print(f"  the goal is {goal_seconds:.2f} s/step: the step's FLOPs at "
+              f"{100 * args.batch * flops / goal_seconds / (machine.bf16_gflops * 1e9):.0f} % of the bf16 matmul peak "
+              f"(the fastest path runs at {100 * args.batch * flops / fastest.best / (machine.bf16_gflops * 1e9):.0f} %)")
     elif not machine.bf16_is_fast:
         print(f"goal >= {GOAL_VS_DIFFUSERS_BF16}x diffusers bf16: does not apply on this CPU (bf16 is slower than "
               "fp32 here, so no bf16 step is the fast one)")
