@@ -44,7 +44,9 @@ from sdcore.diffusion import LinearSchedule, ddim_sample, ddim_timesteps
 from sdcore.fid import FEATURE_DIM, FRONT_END, InceptionV3Features, frechet_distance, gaussian_stats, load_stats
 from sdcore.files import atomic_path, read_json, write_json
 from sdcore.attention import CrossAttention, check_attention_backend, set_attention_backend
-from sdcore.precision import FastPaths
+from sdcore.conv import Conv2d, set_conv_gemm
+from sdcore.linear import Linear, set_linear_onednn
+from sdcore.precision import FastPaths, keep_freed_memory
 from sdcore.unet import UNetModel
 
 log = logging.getLogger(__name__)
@@ -190,18 +192,25 @@ def check_ddim_steps(steps: int, total: int) -> None:
 class EvalFastPaths:
     """Speed paths of the evaluation (``eval.fast_paths``); the defaults are the faithful path.
 
-    ``attention``: the UNet's attention kernel while it samples (``"math"``, the reference's fp32 softmax,
-    or ``"sdpa"``), restored afterwards; None leaves the UNet's own setting (a trained UNet keeps its
-    ``train.fast_paths.attention``). ``fast_inception``: the Inception network with its BatchNorms folded
-    into the convolutions and channels-last (``InceptionV3Features.speed_up_``). ``compile``: the UNet
-    through ``torch.compile`` while it samples (compiled once per UNet and batch shape; the compilation,
-    minutes on a CPU, pays off over the thousands of guided steps of an evaluation). Each is checked
+    The UNet's kernels while it samples, each restored afterwards, None leaving the UNet's own (a
+    trained UNet keeps its ``train.fast_paths``): ``attention`` (``"math"``, the reference's fp32
+    softmax, or ``"sdpa"``); ``onednn_linear``, fp32 linear layers (and GEMM convolutions) on oneDNN's
+    GEMM, 2x MKL's sgemm on AMD EPYCs; ``conv_gemm_max_pixels``, convolutions of maps of at most that
+    many pixels as GEMMs (64: the 8x8 maps of a 64x64 latent). ``fast_inception``: the Inception
+    network with its BatchNorms folded into the convolutions and channels-last
+    (``InceptionV3Features.speed_up_``). ``compile``: the UNet through ``torch.compile`` while it
+    samples (compiled once per UNet and batch shape; the compilation, minutes on a CPU, pays off over
+    the thousands of guided steps of an evaluation). ``keep_freed_memory``: the C heap keeps the
+    memory each guided step frees (``sdcore.precision.keep_freed_memory``; CPUs). Each is checked
     against the faithful path in tests/test_eval_speed_paths.py.
     """
 
     attention: str | None = None
+    onednn_linear: bool | None = None
+    conv_gemm_max_pixels: int | None = None
     fast_inception: bool = False
     compile: bool = False
+    keep_freed_memory: bool = False
 
     @classmethod
     def from_config(cls, block: dict | None) -> "EvalFastPaths":
@@ -213,22 +222,34 @@ class EvalFastPaths:
         paths = cls(**block)
         if paths.attention is not None:
             check_attention_backend(paths.attention)
+        if paths.conv_gemm_max_pixels is not None and paths.conv_gemm_max_pixels < 0:
+            raise ValueError(f"eval.fast_paths.conv_gemm_max_pixels: {paths.conv_gemm_max_pixels} is below 0")
         return paths
 
 
+# What sampling_kernels sets on each kind of module, and restores.
+_KERNEL_SETTINGS = ((CrossAttention, ("attention_backend",)), (Linear, ("onednn",)),
+                    (Conv2d, ("gemm_max_pixels", "gemm_onednn")))
+
+
 @contextlib.contextmanager
-def attention_backend(model: nn.Module, backend: str | None):
-    """Every CrossAttention of ``model`` on ``backend`` inside the block, each restored to its own after."""
-    if backend is None:
-        yield
-        return
-    previous = [(module, module.attention_backend) for module in model.modules() if isinstance(module, CrossAttention)]
-    set_attention_backend(model, backend)
+def sampling_kernels(model: nn.Module, paths: EvalFastPaths):
+    """``model``'s attention, linear and convolution kernels as ``paths`` sets them inside the block,
+    every module's own restored after (a trained UNet goes back to training with its own)."""
+    saved = [(module, {name: getattr(module, name) for name in names})
+             for module in model.modules() for kind, names in _KERNEL_SETTINGS if isinstance(module, kind)]
     try:
+        if paths.attention is not None:
+            set_attention_backend(model, paths.attention)
+        if paths.onednn_linear is not None:
+            set_linear_onednn(model, paths.onednn_linear)
+        if paths.conv_gemm_max_pixels is not None:
+            set_conv_gemm(model, paths.conv_gemm_max_pixels, onednn=bool(paths.onednn_linear))
         yield
     finally:
-        for module, own in previous:
-            module.attention_backend = own
+        for module, own in saved:
+            for name, value in own.items():
+                setattr(module, name, value)
 
 
 class ImageGenerator:
@@ -240,6 +261,8 @@ class ImageGenerator:
         self.device = torch.device(device)
         self.fast_paths = FastPaths.from_config({}, precision)
         self.eval_fast_paths = EvalFastPaths.from_config(fast_paths)
+        if self.eval_fast_paths.keep_freed_memory:
+            keep_freed_memory()
         self.latent_shape = (model_params["channels"], model_params["image_size"], model_params["image_size"])
         downsampling = 2 ** (len(model_params["first_stage_config"]["params"]["ddconfig"]["ch_mult"]) - 1)
         self.image_shape = (3, model_params["image_size"] * downsampling, model_params["image_size"] * downsampling)
@@ -275,7 +298,7 @@ class ImageGenerator:
             with self.autocast():
                 return runnable(x, t, context).float()
 
-        with attention_backend(unet, self.eval_fast_paths.attention):
+        with sampling_kernels(unet, self.eval_fast_paths):
             z = ddim_sample(unet_fn, x_T.to(self.device), cond, uncond, self.schedule, steps=self.ddim_steps,
                             eta=self.eta, guidance_scale=self.guidance_scale)
         with self.autocast():

@@ -3,6 +3,8 @@
 Tolerances, each stated with why:
 * sdpa attention while sampling: a fused kernel that sums q k^T and the softmax in another order; after 10
   guided DDIM steps the float images agree to IMAGE_ATOL (of the [0, 1] range), a uint8 level is 1/255;
+* linear layers and the 8x8-map convolutions on oneDNN's GEMM while sampling: the same products summed in
+  another order; after 10 guided DDIM steps the images agree to IMAGE_ATOL;
 * fast Inception (BatchNorm folded into the convolutions, channels-last): the same affine maps rounded once
   fewer; the pool3 features agree to FEATURE_RTOL of their largest value;
 * torch.compile of the UNet while sampling (pytest -m compile): inductor fuses and reorders the float
@@ -20,14 +22,18 @@ import pytest
 import torch
 
 from prep_helpers import TINY_CLIP_ARCH, golden_unet_state, tiny_clip_weights, tiny_model_params, tiny_sd_checkpoint
-from sdcore.attention import CrossAttention
-from sdcore.evaluate import EvalFastPaths, EvalInputs, Evaluator, ImageGenerator, initial_latents
+import sdcore.evaluate
+from sdcore.attention import CrossAttention, set_attention_backend
+from sdcore.conv import Conv2d, set_conv_gemm
+from sdcore.evaluate import EvalFastPaths, EvalInputs, Evaluator, ImageGenerator, initial_latents, sampling_kernels
+from sdcore.linear import Linear
 from sdcore.fid import InceptionV3Features, gaussian_stats
 from sdcore.unet import UNetModel
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "workflow_scripts"))
 from demo_mirror import inception_state  # noqa: E402
+from test_linear import _AtenOps  # noqa: E402
 
 IMAGE_ATOL = 1e-4
 FEATURE_RTOL = 1e-5
@@ -90,6 +96,55 @@ def test_sdpa_sampling_gives_the_images_of_math_attention_and_restores_the_unet(
     assert {m.attention_backend for m in model.modules() if isinstance(m, CrossAttention)} == {"math"}
 
 
+def kernel_settings(model) -> set:
+    """Every module's kernel switches: attention backends, Linear.onednn, the GEMM convolutions'."""
+    return ({m.attention_backend for m in model.modules() if isinstance(m, CrossAttention)},
+            {m.onednn for m in model.modules() if isinstance(m, Linear)},
+            {(m.gemm_max_pixels, m.gemm_onednn) for m in model.modules() if isinstance(m, Conv2d)})
+
+
+def test_gemm_kernel_sampling_gives_the_images_of_the_native_kernels(inputs):
+    """eval.fast_paths.onednn_linear and conv_gemm_max_pixels: 64 (the tiny UNet's 8x8 latent) beside sdpa alone."""
+    params = config()["model"]["params"]
+    native = ImageGenerator(params, inputs.sd_checkpoint, "cpu", ddim_steps=DDIM_STEPS, fast_paths={"attention": "sdpa"})
+    gemm = ImageGenerator(params, inputs.sd_checkpoint, "cpu", ddim_steps=DDIM_STEPS,
+                          fast_paths={"attention": "sdpa", "onednn_linear": True, "conv_gemm_max_pixels": 64})
+    model = unet()
+    x_T = initial_latents(range(len(PROMPTS)), native.latent_shape, 0)
+    with _AtenOps() as native_ops:
+        reference = native.generate(model, PROMPTS, x_T)
+    with _AtenOps() as gemm_ops:
+        images = gemm.generate(model, PROMPTS, x_T)
+    assert (images - reference).abs().max().item() <= IMAGE_ATOL
+    assert {"_linear_pointwise", "im2col"} <= gemm_ops.names - native_ops.names  # the GEMM kernels did run
+    assert kernel_settings(model) == ({"math"}, {False}, {(0, False)})
+
+
+def test_sampling_kernels_set_what_is_given_and_restore_each_module():
+    model = UNetModel(**tiny_model_params()["unet_config"]["params"])
+    set_attention_backend(model, "sdpa")
+    set_conv_gemm(model, 16)
+    own = kernel_settings(model)
+    with sampling_kernels(model, EvalFastPaths(onednn_linear=True, conv_gemm_max_pixels=64)):
+        assert kernel_settings(model) == ({"sdpa"}, {True}, {(64, True)})  # attention None: the UNet's own
+    assert kernel_settings(model) == own
+    with pytest.raises(RuntimeError, match="inside"), sampling_kernels(model, EvalFastPaths(attention="math")):
+        assert kernel_settings(model)[0] == {"math"}
+        raise RuntimeError("inside")
+    assert kernel_settings(model) == own
+
+
+def test_keep_freed_memory_is_set_by_the_image_generator(inputs, monkeypatch):
+    """The heap policy itself is tested in a subprocess (tests/test_fast_paths.py): it is the process's."""
+    calls = []
+    monkeypatch.setattr(sdcore.evaluate, "keep_freed_memory", lambda: calls.append(True) or True)
+    ImageGenerator(config()["model"]["params"], inputs.sd_checkpoint, "cpu", ddim_steps=DDIM_STEPS)
+    assert calls == []
+    ImageGenerator(config()["model"]["params"], inputs.sd_checkpoint, "cpu", ddim_steps=DDIM_STEPS,
+                   fast_paths={"keep_freed_memory": True})
+    assert calls == [True]
+
+
 @pytest.mark.compile
 def test_compiled_sampling_gives_the_images_of_the_eager_unet(inputs):
     """eval.fast_paths.compile: the UNet through torch.compile (inductor's fused kernels round otherwise)."""
@@ -129,8 +184,13 @@ def test_evaluation_with_every_speed_path_scores_like_the_faithful_one(inputs):
 
 
 def test_eval_fast_paths_config():
-    assert EvalFastPaths.from_config(None) == EvalFastPaths() == EvalFastPaths(attention=None, fast_inception=False,
-                                                                             compile=False)
+    assert EvalFastPaths.from_config(None) == EvalFastPaths() == EvalFastPaths(
+        attention=None, onednn_linear=None, conv_gemm_max_pixels=None, fast_inception=False, compile=False,
+        keep_freed_memory=False)
+    assert EvalFastPaths.from_config({"onednn_linear": True, "conv_gemm_max_pixels": 64}) == EvalFastPaths(
+        onednn_linear=True, conv_gemm_max_pixels=64)
+    with pytest.raises(ValueError, match="conv_gemm_max_pixels"):
+        EvalFastPaths.from_config({"conv_gemm_max_pixels": -1})
     assert EvalFastPaths.from_config({"compile": True}).compile
     assert EvalFastPaths.from_config({"attention": "sdpa"}).attention == "sdpa"
     with pytest.raises(ValueError, match="attention"):
