@@ -357,17 +357,25 @@ def main() -> None:
         print(f"\nsdcore's fastest faithful fp32 path / diffusers fp32: "
               f"{ratio_line(by_name['diffusers fp32'], fastest_fp32)} (goal >= {GOAL_VS_DIFFUSERS_FP32}x); "
               f"/ diffusers' fastest fp32 row: {diffusers_fp32_best / fastest_fp32.best:.2f}x")
+        print(goal_line(by_name["diffusers fp32"].best / GOAL_VS_DIFFUSERS_FP32, fastest_fp32.best,
+                        args.batch * flops, machine.peak_gflops("fp32"), "fp32"))
     if "diffusers bf16 autocast" in by_name and any(c.family == "sdcore" for c in contenders):
         fastest = min((c for c in contenders if c.family == "sdcore"), key=lambda c: c.best)
         print(f"sdcore's fastest path / diffusers bf16: {ratio_line(by_name['diffusers bf16 autocast'], fastest)} "
               f"(goal >= {GOAL_VS_DIFFUSERS_BF16}x where bf16 is fast)")
-        goal_seconds = by_name["diffusers bf16 autocast"].best / GOAL_VS_DIFFUSERS_BF16
-        print(f"  the goal is {goal_seconds:.2f} s/step: the step's FLOPs at "
-              f"{100 * args.batch * flops / goal_seconds / (machine.bf16_gflops * 1e9):.0f} % of the bf16 matmul peak "
-              f"(the fastest path runs at {100 * args.batch * flops / fastest.best / (machine.bf16_gflops * 1e9):.0f} %)")
+        print(goal_line(by_name["diffusers bf16 autocast"].best / GOAL_VS_DIFFUSERS_BF16, fastest.best,
+                        args.batch * flops, machine.bf16_gflops, "bf16"))
     elif not machine.bf16_is_fast:
         print(f"goal >= {GOAL_VS_DIFFUSERS_BF16}x diffusers bf16: does not apply on this CPU (bf16 is slower than "
               "fp32 here, so no bf16 step is the fast one)")
+
+
+def goal_line(goal_seconds: float, best_seconds: float, step_flops: float, peak_gflops: float, precision: str) -> str:
+    """What a goal asks of the machine: the share of the matmul peak the step's FLOPs would run at."""
+    def share(seconds: float) -> float:
+        return 100 * step_flops / seconds / (peak_gflops * 1e9)
+    return (f"  the goal is {goal_seconds:.2f} s/step: the step's FLOPs at {share(goal_seconds):.0f} % of the "
+            f"{precision} matmul peak (the fastest path runs at {share(best_seconds):.0f} %)")
 
 
 def minor_page_faults() -> int:
