@@ -44,7 +44,7 @@ from sdcore.diffusion import LinearSchedule, ddim_sample, ddim_timesteps
 from sdcore.fid import FEATURE_DIM, FRONT_END, InceptionV3Features, frechet_distance, gaussian_stats, load_stats
 from sdcore.files import atomic_path, read_json, write_json
 from sdcore.attention import CrossAttention, check_attention_backend, set_attention_backend
-from sdcore.conv import Conv2d, set_conv_gemm
+from sdcore.conv import Conv2d
 from sdcore.linear import Linear, set_linear_onednn
 from sdcore.precision import FastPaths, keep_freed_memory
 from sdcore.unet import UNetModel
@@ -243,8 +243,11 @@ def sampling_kernels(model: nn.Module, paths: EvalFastPaths):
             set_attention_backend(model, paths.attention)
         if paths.onednn_linear is not None:
             set_linear_onednn(model, paths.onednn_linear)
-        if paths.conv_gemm_max_pixels is not None:
-            set_conv_gemm(model, paths.conv_gemm_max_pixels, onednn=bool(paths.onednn_linear))
+        for conv in (module for module in model.modules() if isinstance(module, Conv2d)):
+            if paths.conv_gemm_max_pixels is not None:
+                conv.gemm_max_pixels = paths.conv_gemm_max_pixels
+            if paths.onednn_linear is not None:
+                conv.gemm_onednn = paths.onednn_linear
         yield
     finally:
         for module, own in saved:

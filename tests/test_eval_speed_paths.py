@@ -96,7 +96,7 @@ def test_sdpa_sampling_gives_the_images_of_math_attention_and_restores_the_unet(
     assert {m.attention_backend for m in model.modules() if isinstance(m, CrossAttention)} == {"math"}
 
 
-def kernel_settings(model) -> set:
+def kernel_settings(model) -> tuple[set, set, set]:
     """Every module's kernel switches: attention backends, Linear.onednn, the GEMM convolutions'."""
     return ({m.attention_backend for m in model.modules() if isinstance(m, CrossAttention)},
             {m.onednn for m in model.modules() if isinstance(m, Linear)},
@@ -127,6 +127,9 @@ def test_sampling_kernels_set_what_is_given_and_restore_each_module():
     own = kernel_settings(model)
     with sampling_kernels(model, EvalFastPaths(onednn_linear=True, conv_gemm_max_pixels=64)):
         assert kernel_settings(model) == ({"sdpa"}, {True}, {(64, True)})  # attention None: the UNet's own
+    assert kernel_settings(model) == own
+    with sampling_kernels(model, EvalFastPaths(conv_gemm_max_pixels=64)):
+        assert kernel_settings(model) == ({"sdpa"}, {False}, {(64, False)})  # onednn_linear None: the UNet's own
     assert kernel_settings(model) == own
     with pytest.raises(RuntimeError, match="inside"), sampling_kernels(model, EvalFastPaths(attention="math")):
         assert kernel_settings(model)[0] == {"math"}
@@ -177,8 +180,8 @@ def test_fast_inception_gives_the_features_of_the_faithful_network(inputs):
 def test_evaluation_with_every_speed_path_scores_like_the_faithful_one(inputs):
     model = unet()
     faithful = Evaluator(config(), inputs, "cpu").evaluate(model, samples_seen=8, seed=3)
-    fast = Evaluator(config({"attention": "sdpa", "fast_inception": True}), inputs, "cpu").evaluate(
-        model, samples_seen=8, seed=3)
+    fast = Evaluator(config({"attention": "sdpa", "onednn_linear": True, "conv_gemm_max_pixels": 64,
+                             "fast_inception": True}), inputs, "cpu").evaluate(model, samples_seen=8, seed=3)
     assert abs(fast["fid"] - faithful["fid"]) <= FID_RTOL * faithful["fid"]
     assert abs(fast["clip"] - faithful["clip"]) <= CLIP_ATOL
 
