@@ -174,6 +174,7 @@ def count_flops(model, batch: int, latent: int) -> float:
 
 OP_CLASSES = {
     "mm": "matrix products", "addmm": "matrix products", "bmm": "matrix products", "baddbmm": "matrix products",
+    "_linear_pointwise": "matrix products",  # oneDNN's GEMM (onednn_linear)
     "convolution": "convolutions, forward", "convolution_backward": "convolutions, backward",
     "_scaled_dot_product_flash_attention_for_cpu": "fused attention, forward",
     "_scaled_dot_product_flash_attention_for_cpu_backward": "fused attention, backward",
@@ -181,8 +182,10 @@ OP_CLASSES = {
     "im2col": "unfold/fold of GEMM convolutions", "col2im": "unfold/fold of GEMM convolutions",
 }
 # flop_counter has formulas for the CUDA flash attention only; the CPU kernels take the same leading shapes.
+# It has none for oneDNN's GEMM: (tokens, in) x (out, in)^T.
 OP_FLOPS = {
     **{packet.__name__: formula for packet, formula in flop_registry.items()},
+    "_linear_pointwise": lambda x, weight, *args, out_val=None, **kwargs: 2 * x.numel() * weight.shape[0],
     "_scaled_dot_product_flash_attention_for_cpu": flop_registry[torch.ops.aten._scaled_dot_product_flash_attention],
     "_scaled_dot_product_flash_attention_for_cpu_backward":
         flop_registry[torch.ops.aten._scaled_dot_product_flash_attention_backward],
