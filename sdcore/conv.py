@@ -7,11 +7,14 @@ backward. It computes the same convolution with the sums in a different order: i
 agree to rounding, under autocast both round once to the low dtype. On GPUs leave it off (cuDNN
 picks its own algorithms).
 
-``Conv2d`` is ``nn.Conv2d`` (same parameters and state_dict names) with two switches:
+``Conv2d`` is ``nn.Conv2d`` (same parameters and state_dict names) with three switches:
 ``gemm_max_pixels``: a stride-1, "same"-padded, ungrouped call on a map of at most that many
-pixels (H x W) takes the GEMM kernel; 0 (the default) keeps every call on ``F.conv2d``; and
-``gemm_onednn``: in fp32 on a CPU, the GEMM is oneDNN's (``sdcore.linear.linear_onednn``, the
-``onednn_linear`` fast path) instead of MKL's sgemm, which runs AVX2 code on AMD EPYCs.
+pixels (H x W) takes the GEMM kernel; 0 (the default) keeps every call on ``F.conv2d``;
+``winograd_min_pixels``: a 3x3 call that ``sdcore.winograd.winograd_applies`` to, on a map of at
+least that many pixels, runs as Winograd F(2x2, 3x3) (``conv2d_winograd``; 0, the default: never);
+and ``gemm_onednn``: in fp32 on a CPU, the GEMM and the Winograd products are oneDNN's
+(``sdcore.linear.linear_onednn``, the ``onednn_linear`` fast path) instead of MKL's sgemm, which
+runs AVX2 code on AMD EPYCs.
 
 Under autocast the module also keeps the memory of its low-precision weight gradient across
 steps (``WeightGradBuffer``): at these levels that gradient is 29-59 MB of bf16 per layer, and a
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdcore.linear import linear_onednn, onednn_applies
+from sdcore.winograd import conv2d_winograd, winograd_applies
 
 
 class WeightGradBuffer:
@@ -117,10 +121,12 @@ def conv2d_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 class Conv2d(nn.Conv2d):
-    """``nn.Conv2d`` that runs small maps through ``conv2d_gemm`` when ``gemm_max_pixels`` > 0
-    (on oneDNN's GEMM in fp32 when ``gemm_onednn`` is set)."""
+    """``nn.Conv2d`` that runs small maps through ``conv2d_gemm`` when ``gemm_max_pixels`` > 0 and
+    large ones through ``conv2d_winograd`` when ``winograd_min_pixels`` > 0 (the products on
+    oneDNN's GEMM in fp32 when ``gemm_onednn`` is set)."""
 
     gemm_max_pixels: int = 0
+    winograd_min_pixels: int = 0
     gemm_onednn: bool = False
 
     def __init__(self, *args, **kwargs):
@@ -134,16 +140,23 @@ class Conv2d(nn.Conv2d):
                 and kh % 2 == 1 and kw % 2 == 1 and self.padding == (kh // 2, kw // 2)
                 and self.padding_mode == "zeros")
 
+    def _winograd_applies(self, x: torch.Tensor) -> bool:
+        # Not under torch.compile: inductor makes its own kernels of the native convolution.
+        return (x.dim() == 4 and x.shape[-2] * x.shape[-1] >= self.winograd_min_pixels
+                and winograd_applies(self, x) and not torch.compiler.is_compiling())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gemm_max_pixels and self._gemm_applies(x):
             return conv2d_gemm(x, self.weight, self.bias, self.kept_weight_grad, self.gemm_onednn)
+        if self.winograd_min_pixels and self._winograd_applies(x):
+            return conv2d_winograd(x, self.weight, self.bias, self.gemm_onednn)
         return super().forward(x)
 
 
-def set_conv_gemm(model: nn.Module, max_pixels: int, onednn: bool = False) -> int:
-    """Set ``gemm_max_pixels`` and ``gemm_onednn`` on every ``Conv2d`` inside ``model``; returns how
-    many were set."""
+def set_conv_gemm(model: nn.Module, max_pixels: int, onednn: bool = False, winograd_min_pixels: int = 0) -> int:
+    """Set ``gemm_max_pixels``, ``gemm_onednn`` and ``winograd_min_pixels`` on every ``Conv2d``
+    inside ``model``; returns how many were set."""
     convs = [module for module in model.modules() if isinstance(module, Conv2d)]
     for conv in convs:
-        conv.gemm_max_pixels, conv.gemm_onednn = max_pixels, onednn
+        conv.gemm_max_pixels, conv.gemm_onednn, conv.winograd_min_pixels = max_pixels, onednn, winograd_min_pixels
     return len(convs)

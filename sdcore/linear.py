@@ -20,7 +20,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 
-def _onednn_gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def onednn_gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``a @ b.t() (+ bias)`` for 2-d fp32 ``a`` and ``b`` of any strides, as one oneDNN GEMM."""
     return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
 
@@ -32,15 +32,15 @@ class _OneDNNLinear(torch.autograd.Function):
     def forward(ctx, rows, weight, bias):
         ctx.save_for_backward(rows, weight)
         ctx.has_bias = bias is not None
-        return _onednn_gemm(rows, weight, bias)
+        return onednn_gemm(rows, weight, bias)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         rows, weight = ctx.saved_tensors
         grad = grad.contiguous()  # a loss's expanded gradient has zero strides
-        grad_rows = _onednn_gemm(grad, weight.t()) if ctx.needs_input_grad[0] else None
-        grad_weight = _onednn_gemm(grad.t(), rows.t()) if ctx.needs_input_grad[1] else None
+        grad_rows = onednn_gemm(grad, weight.t()) if ctx.needs_input_grad[0] else None
+        grad_weight = onednn_gemm(grad.t(), rows.t()) if ctx.needs_input_grad[1] else None
         grad_bias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_rows, grad_weight, grad_bias
 

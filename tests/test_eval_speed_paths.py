@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from prep_helpers import TINY_CLIP_ARCH, golden_unet_state, tiny_clip_weights, tiny_model_params, tiny_sd_checkpoint
+import sdcore.conv
 import sdcore.evaluate
 from sdcore.attention import CrossAttention, set_attention_backend
 from sdcore.conv import Conv2d, set_conv_gemm
@@ -29,6 +30,7 @@ from sdcore.evaluate import EvalFastPaths, EvalInputs, Evaluator, ImageGenerator
 from sdcore.linear import Linear
 from sdcore.fid import InceptionV3Features, gaussian_stats
 from sdcore.unet import UNetModel
+from sdcore.winograd import conv2d_winograd
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "workflow_scripts"))
@@ -97,10 +99,10 @@ def test_sdpa_sampling_gives_the_images_of_math_attention_and_restores_the_unet(
 
 
 def kernel_settings(model) -> tuple[set, set, set]:
-    """Every module's kernel switches: attention backends, Linear.onednn, the GEMM convolutions'."""
+    """Every module's kernel switches: attention backends, Linear.onednn, the GEMM and Winograd convolutions'."""
     return ({m.attention_backend for m in model.modules() if isinstance(m, CrossAttention)},
             {m.onednn for m in model.modules() if isinstance(m, Linear)},
-            {(m.gemm_max_pixels, m.gemm_onednn) for m in model.modules() if isinstance(m, Conv2d)})
+            {(m.gemm_max_pixels, m.winograd_min_pixels, m.gemm_onednn) for m in model.modules() if isinstance(m, Conv2d)})
 
 
 def test_gemm_kernel_sampling_gives_the_images_of_the_native_kernels(inputs):
@@ -117,19 +119,37 @@ def test_gemm_kernel_sampling_gives_the_images_of_the_native_kernels(inputs):
         images = gemm.generate(model, PROMPTS, x_T)
     assert (images - reference).abs().max().item() <= IMAGE_ATOL
     assert {"_linear_pointwise", "im2col"} <= gemm_ops.names - native_ops.names  # the GEMM kernels did run
-    assert kernel_settings(model) == ({"math"}, {False}, {(0, False)})
+    assert kernel_settings(model) == ({"math"}, {False}, {(0, 0, False)})
+
+
+def test_winograd_sampling_gives_the_images_of_the_native_kernels(inputs, monkeypatch):
+    """eval.fast_paths.conv_winograd_min_pixels: 64 (the tiny UNet's 8x8 latent level) beside sdpa alone."""
+    params = config()["model"]["params"]
+    native = ImageGenerator(params, inputs.sd_checkpoint, "cpu", ddim_steps=DDIM_STEPS, fast_paths={"attention": "sdpa"})
+    winograd = ImageGenerator(params, inputs.sd_checkpoint, "cpu", ddim_steps=DDIM_STEPS,
+                              fast_paths={"attention": "sdpa", "conv_winograd_min_pixels": 64})
+    model = unet()
+    x_T = initial_latents(range(len(PROMPTS)), native.latent_shape, 0)
+    reference = native.generate(model, PROMPTS, x_T)
+    calls = []
+    monkeypatch.setattr(sdcore.conv, "conv2d_winograd",
+                        lambda x, *args: calls.append(tuple(x.shape[-2:])) or conv2d_winograd(x, *args))
+    images = winograd.generate(model, PROMPTS, x_T)
+    assert (images - reference).abs().max().item() <= IMAGE_ATOL
+    assert set(calls) == {(8, 8)} and len(calls) >= 2 * DDIM_STEPS  # every guided step, the 8x8 level only
+    assert kernel_settings(model) == ({"math"}, {False}, {(0, 0, False)})
 
 
 def test_sampling_kernels_set_what_is_given_and_restore_each_module():
     model = UNetModel(**tiny_model_params()["unet_config"]["params"])
     set_attention_backend(model, "sdpa")
-    set_conv_gemm(model, 16)
+    set_conv_gemm(model, 16, winograd_min_pixels=1024)
     own = kernel_settings(model)
     with sampling_kernels(model, EvalFastPaths(onednn_linear=True, conv_gemm_max_pixels=64)):
-        assert kernel_settings(model) == ({"sdpa"}, {True}, {(64, True)})  # attention None: the UNet's own
+        assert kernel_settings(model) == ({"sdpa"}, {True}, {(64, 1024, True)})  # attention None: the UNet's own
     assert kernel_settings(model) == own
-    with sampling_kernels(model, EvalFastPaths(conv_gemm_max_pixels=64)):
-        assert kernel_settings(model) == ({"sdpa"}, {False}, {(64, False)})  # onednn_linear None: the UNet's own
+    with sampling_kernels(model, EvalFastPaths(conv_gemm_max_pixels=64, conv_winograd_min_pixels=256)):
+        assert kernel_settings(model) == ({"sdpa"}, {False}, {(64, 256, False)})  # onednn_linear None: the UNet's own
     assert kernel_settings(model) == own
     with pytest.raises(RuntimeError, match="inside"), sampling_kernels(model, EvalFastPaths(attention="math")):
         assert kernel_settings(model)[0] == {"math"}
@@ -180,20 +200,22 @@ def test_fast_inception_gives_the_features_of_the_faithful_network(inputs):
 def test_evaluation_with_every_speed_path_scores_like_the_faithful_one(inputs):
     model = unet()
     faithful = Evaluator(config(), inputs, "cpu").evaluate(model, samples_seen=8, seed=3)
-    fast = Evaluator(config({"attention": "sdpa", "onednn_linear": True, "conv_gemm_max_pixels": 64,
-                             "fast_inception": True}), inputs, "cpu").evaluate(model, samples_seen=8, seed=3)
+    fast = Evaluator(config({"attention": "sdpa", "onednn_linear": True, "conv_gemm_max_pixels": 16,
+                             "conv_winograd_min_pixels": 64, "fast_inception": True}),
+                     inputs, "cpu").evaluate(model, samples_seen=8, seed=3)
     assert abs(fast["fid"] - faithful["fid"]) <= FID_RTOL * faithful["fid"]
     assert abs(fast["clip"] - faithful["clip"]) <= CLIP_ATOL
 
 
 def test_eval_fast_paths_config():
     assert EvalFastPaths.from_config(None) == EvalFastPaths() == EvalFastPaths(
-        attention=None, onednn_linear=None, conv_gemm_max_pixels=None, fast_inception=False, compile=False,
-        keep_freed_memory=False)
+        attention=None, onednn_linear=None, conv_gemm_max_pixels=None, conv_winograd_min_pixels=None,
+        fast_inception=False, compile=False, keep_freed_memory=False)
     assert EvalFastPaths.from_config({"onednn_linear": True, "conv_gemm_max_pixels": 64}) == EvalFastPaths(
         onednn_linear=True, conv_gemm_max_pixels=64)
-    with pytest.raises(ValueError, match="conv_gemm_max_pixels"):
-        EvalFastPaths.from_config({"conv_gemm_max_pixels": -1})
+    for key in ("conv_gemm_max_pixels", "conv_winograd_min_pixels"):
+        with pytest.raises(ValueError, match=key):
+            EvalFastPaths.from_config({key: -1})
     assert EvalFastPaths.from_config({"compile": True}).compile
     assert EvalFastPaths.from_config({"attention": "sdpa"}).attention == "sdpa"
     with pytest.raises(ValueError, match="attention"):

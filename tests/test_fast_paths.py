@@ -80,8 +80,10 @@ ALL_MAPS = 1 << 20  # conv_gemm_max_pixels that sends every eligible convolution
     FastPaths(attention="sdpa", channels_last=True, conv_gemm_max_pixels=ALL_MAPS),
     FastPaths(onednn_linear=True),
     FastPaths(attention="sdpa", conv_gemm_max_pixels=ALL_MAPS, onednn_linear=True),
+    FastPaths(conv_winograd_min_pixels=1),
+    FastPaths(attention="sdpa", conv_gemm_max_pixels=4, conv_winograd_min_pixels=16, onednn_linear=True),
 ], ids=["sdpa", "channels_last", "sdpa+channels_last", "conv_gemm", "sdpa+channels_last+conv_gemm", "onednn_linear",
-        "sdpa+conv_gemm+onednn_linear"])
+        "sdpa+conv_gemm+onednn_linear", "conv_winograd", "sdpa+conv_gemm+conv_winograd+onednn_linear"])
 def test_fp32_fast_paths_match_eager(golden, eager_fp32, fast_paths):
     out, grad = forward_backward(golden_unet(golden), golden_inputs(golden), fast_paths)
     assert out.dtype == torch.float32
@@ -93,8 +95,11 @@ def test_fp32_fast_paths_match_eager(golden, eager_fp32, fast_paths):
     (FastPaths(attention="sdpa", channels_last=True, autocast="bf16"), 0.02, 0.01, torch.bfloat16),
     (FastPaths(attention="sdpa", channels_last=True, autocast="bf16", conv_gemm_max_pixels=ALL_MAPS),
      0.02, 0.01, torch.bfloat16),
+    (FastPaths(attention="sdpa", autocast="bf16", conv_gemm_max_pixels=4, conv_winograd_min_pixels=16,
+               persistent_weight_casts=True), 0.02, 0.01, torch.bfloat16),
     (FastPaths(autocast="fp16"), 0.005, 0.005, torch.float16),
-], ids=["bf16", "sdpa+channels_last+bf16", "sdpa+channels_last+bf16+conv_gemm", "fp16"])
+], ids=["bf16", "sdpa+channels_last+bf16", "sdpa+channels_last+bf16+conv_gemm", "sdpa+bf16+conv_gemm+conv_winograd+casts",
+        "fp16"])
 def test_autocast_matches_eager_within_stated_tolerance(golden, eager_fp32, fast_paths, out_rel, grad_rel, dtype):
     out, grad = forward_backward(golden_unet(golden), golden_inputs(golden), fast_paths)
     assert out.dtype == dtype
@@ -185,6 +190,7 @@ def test_autocast_context_and_config():
     ({"attention": "flash"}, "attention"),
     ({"autocast": "int8"}, "autocast"),
     ({"conv_gemm_max_pixels": -1}, "conv_gemm_max_pixels"),
+    ({"conv_winograd_min_pixels": -1}, "conv_winograd_min_pixels"),
     ({"persistent_weight_casts": True}, "needs autocast"),
 ])
 def test_invalid_switches_are_rejected(kwargs, message):
@@ -377,22 +383,24 @@ def test_recommended_cpu_fp32_path_matches_eager(golden, eager_fp32):
 
 
 def test_recommendations_follow_the_measured_peaks():
-    from sdcore.precision import (CPU_FP32_CONV_GEMM_MAX_PIXELS, CPU_FP32_ONEDNN_CONV_GEMM_MAX_PIXELS,
-                                  CPU_LOW_PRECISION_CONV_GEMM_MAX_PIXELS,
+    from sdcore.precision import (CPU_FP32_CONV_GEMM_MAX_PIXELS, CPU_FP32_CONV_WINOGRAD_MIN_PIXELS,
+                                  CPU_FP32_ONEDNN_CONV_GEMM_MAX_PIXELS, CPU_LOW_PRECISION_CONV_GEMM_MAX_PIXELS,
                                   recommend_fast_paths, recommend_precision)
 
     no_amx, amx, avx2 = dict(fp32_gflops=135.0, bf16_gflops=83.0), dict(fp32_gflops=190.0, bf16_gflops=1343.0), \
         dict(fp32_gflops=180.0, bf16_gflops=1.8)
     assert recommend_precision(**no_amx) == recommend_precision(**avx2) == "fp32"
     assert recommend_precision(**amx) == "bf16"
-    for peaks in (no_amx, amx, avx2):  # fp32 on any CPU: sdpa + GEMM convolutions on the smallest maps
+    winograd = CPU_FP32_CONV_WINOGRAD_MIN_PIXELS
+    for peaks in (no_amx, amx, avx2):  # fp32 on any CPU: sdpa + GEMM convolutions on the smallest maps, Winograd on the largest
         assert recommend_fast_paths("fp32", "cpu", **peaks, onednn_fp32_gflops=peaks["fp32_gflops"]) == FastPaths(
-            attention="sdpa", conv_gemm_max_pixels=CPU_FP32_CONV_GEMM_MAX_PIXELS, fused_optimizer=True, keep_freed_memory=True)
+            attention="sdpa", conv_gemm_max_pixels=CPU_FP32_CONV_GEMM_MAX_PIXELS, conv_winograd_min_pixels=winograd,
+            fused_optimizer=True, keep_freed_memory=True)
     # where MKL's sgemm takes its AVX2 path (AMD EPYC with AVX-512, measured 175 against oneDNN's 321)
     epyc = dict(fp32_gflops=175.0, bf16_gflops=798.0, onednn_fp32_gflops=321.0)
     assert recommend_fast_paths("fp32", "cpu", **epyc) == FastPaths(  # with oneDNN's GEMM, 8x8 maps as GEMMs too
-        attention="sdpa", conv_gemm_max_pixels=CPU_FP32_ONEDNN_CONV_GEMM_MAX_PIXELS, onednn_linear=True, fused_optimizer=True,
-        keep_freed_memory=True)
+        attention="sdpa", conv_gemm_max_pixels=CPU_FP32_ONEDNN_CONV_GEMM_MAX_PIXELS, conv_winograd_min_pixels=winograd,
+        onednn_linear=True, fused_optimizer=True, keep_freed_memory=True)
     assert not recommend_fast_paths("bf16", "cpu", **epyc).onednn_linear  # inert under autocast: not set
     assert not recommend_fast_paths("fp32", "cpu", fp32_gflops=175.0, bf16_gflops=1.0,
                                     onednn_fp32_gflops=200.0).onednn_linear  # within the margin
@@ -401,8 +409,8 @@ def test_recommendations_follow_the_measured_peaks():
         persistent_weight_casts=True, fused_optimizer=True, keep_freed_memory=True)
     # bf16 asked for where it is slow: the run's precision is kept, the fp32 kernel choices apply
     assert recommend_fast_paths("bf16", "cpu", **no_amx) == FastPaths(
-        attention="sdpa", autocast="bf16", conv_gemm_max_pixels=CPU_FP32_CONV_GEMM_MAX_PIXELS, fused_optimizer=True,
-        keep_freed_memory=True)
+        attention="sdpa", autocast="bf16", conv_gemm_max_pixels=CPU_FP32_CONV_GEMM_MAX_PIXELS,
+        conv_winograd_min_pixels=winograd, fused_optimizer=True, keep_freed_memory=True)
     assert recommend_fast_paths("fp16", "cuda") == FastPaths(attention="sdpa", channels_last=True, autocast="fp16",
                                                              fused_optimizer=True)
     # every recommendation is a valid switch set that FastPaths.from_config accepts back
