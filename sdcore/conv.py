@@ -142,8 +142,8 @@ class Conv2d(nn.Conv2d):
 
     def _winograd_applies(self, x: torch.Tensor) -> bool:
         # Not under torch.compile: inductor makes its own kernels of the native convolution.
-        return (x.dim() == 4 and x.shape[-2] * x.shape[-1] >= self.winograd_min_pixels
-                and winograd_applies(self, x) and not torch.compiler.is_compiling())
+        return (winograd_applies(self, x) and x.shape[-2] * x.shape[-1] >= self.winograd_min_pixels
+                and not torch.compiler.is_compiling())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gemm_max_pixels and self._gemm_applies(x):

@@ -19,7 +19,7 @@ so the backward is the same additions and 2 x 16 products.
 import torch
 from torch.autograd.function import once_differentiable
 
-from sdcore.linear import onednn_gemm
+from sdcore.linear import onednn_applies, onednn_gemm
 
 # F(2x2, 3x3): output = A^T [(G g G^T) * (B^T d B)] A for a 4x4 input tile d and a 3x3 filter g,
 # with B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
@@ -139,11 +139,13 @@ def _output_tiles_adjoint(grad_out: torch.Tensor) -> torch.Tensor:
     half = grad_out.new_empty(2, 4, n, h // 2, w // 2, o)
     for p in range(2):
         g0, g1 = grad_out[:, p::2, 0::2], grad_out[:, p::2, 1::2]
-        half[p, 0], half[p, 3] = g0, -g1
+        half[p, 0] = g0
+        torch.neg(g1, out=half[p, 3])
         torch.add(g0, g1, out=half[p, 1])
         torch.sub(g0, g1, out=half[p, 2])
     grad = grad_out.new_empty(4, 4, n, h // 2, w // 2, o)
-    grad[0], grad[3] = half[0], -half[1]
+    grad[0] = half[0]
+    torch.neg(half[1], out=grad[3])
     torch.add(half[0], half[1], out=grad[1])
     torch.sub(half[0], half[1], out=grad[2])
     return grad
@@ -203,7 +205,7 @@ def conv2d_winograd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     run in the autocast dtype; with ``onednn``, an fp32 call runs them on oneDNN's GEMM."""
     device_type = x.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-    out = _WinogradConv.apply(x, weight, dtype, onednn and dtype == torch.float32 and device_type == "cpu")
+    out = _WinogradConv.apply(x, weight, dtype, onednn and onednn_applies(x, weight))
     return out if bias is None else out + bias.to(out.dtype).view(1, -1, 1, 1)
 
 
