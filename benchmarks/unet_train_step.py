@@ -8,8 +8,9 @@ by default, for these contenders:
   * sdcore fp32 with sdpa attention;
   * sdcore fp32 with the fast paths that ``sdcore.precision.recommend_fast_paths`` picks for this
     CPU (its choice is printed), and the same with native convolutions where it picks Winograd ones
-    (``conv_winograd_min_pixels``), so that choice is measured too. The Winograd products do 2.25x
-    fewer FLOPs than the convolutions they replace; the FLOPs per sample are the convolutions', so
+    (``conv_winograd_min_pixels``, ``conv_winograd4_min_pixels``), and the same with F(2x2, 3x3)
+    where it picks F(4x4, 3x3), so those choices are measured too. The Winograd products do 2.25x
+    (F(2x2, 3x3)) or 4x (F(4x4, 3x3)) fewer FLOPs than the convolutions they replace; the FLOPs per sample are the convolutions', so
     a Winograd path's "% of peak" is an effective rate and can pass what its kernels run at;
   * diffusers' UNet2DConditionModel at the SD2 architecture, fp32 (and fp32 + channels-last, so a
     memory-format gain is not credited to sdcore alone). diffusers cannot build the MLPerf 16-group
@@ -300,9 +301,14 @@ def main() -> None:
         Contender("sdcore fp32 sdpa", "sdcore", FastPaths(attention="sdpa"), sdcore),
         Contender(f"sdcore fp32 recommended ({describe(recommended)})", "sdcore", recommended, sdcore),
     ]
-    if recommended.conv_winograd_min_pixels:  # the Winograd choice measured: the same path on native convolutions
+    if recommended.conv_winograd4_min_pixels:  # the F(4x4, 3x3) choice measured: F(2x2, 3x3) there instead
+        contenders.append(Contender("sdcore fp32 recommended, Winograd F(2x2, 3x3) only", "sdcore",
+                                    dataclasses.replace(recommended, conv_winograd4_min_pixels=0), sdcore))
+    if recommended.conv_winograd_min_pixels or recommended.conv_winograd4_min_pixels:
+        # the Winograd choice measured: the same path on native convolutions
         contenders.append(Contender("sdcore fp32 recommended, native convolutions on the large maps", "sdcore",
-                                    dataclasses.replace(recommended, conv_winograd_min_pixels=0), sdcore))
+                                    dataclasses.replace(recommended, conv_winograd_min_pixels=0,
+                                                        conv_winograd4_min_pixels=0), sdcore))
     if not args.no_diffusers:
         contenders += [Contender("diffusers fp32", "diffusers", FastPaths(), diffusers),
                        Contender("diffusers fp32 + channels_last", "diffusers", FastPaths(channels_last=True),
@@ -412,6 +418,8 @@ def describe(fast_paths: FastPaths) -> str:
         parts.append(f"conv_gemm<={fast_paths.conv_gemm_max_pixels}")
     if fast_paths.conv_winograd_min_pixels:
         parts.append(f"winograd>={fast_paths.conv_winograd_min_pixels}")
+    if fast_paths.conv_winograd4_min_pixels:
+        parts.append(f"winograd4>={fast_paths.conv_winograd4_min_pixels}")
     if fast_paths.persistent_weight_casts:
         parts.append("persistent casts")
     if fast_paths.onednn_linear:

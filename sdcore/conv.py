@@ -10,8 +10,9 @@ picks its own algorithms).
 ``Conv2d`` is ``nn.Conv2d`` (same parameters and state_dict names) with three switches:
 ``gemm_max_pixels``: a stride-1, "same"-padded, ungrouped call on a map of at most that many
 pixels (H x W) takes the GEMM kernel; 0 (the default) keeps every call on ``F.conv2d``;
-``winograd_min_pixels``: a 3x3 call that ``sdcore.winograd.winograd_applies`` to, on a map of at
-least that many pixels, runs as Winograd F(2x2, 3x3) (``conv2d_winograd``; 0, the default: never);
+``winograd_min_pixels`` and ``winograd4_min_pixels``: a 3x3 call that ``sdcore.winograd.winograd_applies``
+to, on a map of at least that many pixels, runs as Winograd F(2x2, 3x3) or F(4x4, 3x3)
+(``conv2d_winograd``; F(4x4, 3x3) first where both apply; 0, the default: never);
 and ``gemm_onednn``: in fp32 on a CPU, the GEMM and the Winograd products are oneDNN's
 (``sdcore.linear.linear_onednn``, the ``onednn_linear`` fast path) instead of MKL's sgemm, which
 runs AVX2 code on AMD EPYCs.
@@ -122,11 +123,12 @@ def conv2d_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` that runs small maps through ``conv2d_gemm`` when ``gemm_max_pixels`` > 0 and
-    large ones through ``conv2d_winograd`` when ``winograd_min_pixels`` > 0 (the products on
-    oneDNN's GEMM in fp32 when ``gemm_onednn`` is set)."""
+    large ones through ``conv2d_winograd`` when ``winograd4_min_pixels`` or ``winograd_min_pixels``
+    is > 0 (the products on oneDNN's GEMM in fp32 when ``gemm_onednn`` is set)."""
 
     gemm_max_pixels: int = 0
     winograd_min_pixels: int = 0
+    winograd4_min_pixels: int = 0
     gemm_onednn: bool = False
 
     def __init__(self, *args, **kwargs):
@@ -140,23 +142,29 @@ class Conv2d(nn.Conv2d):
                 and kh % 2 == 1 and kw % 2 == 1 and self.padding == (kh // 2, kw // 2)
                 and self.padding_mode == "zeros")
 
-    def _winograd_applies(self, x: torch.Tensor) -> bool:
-        # Not under torch.compile: inductor makes its own kernels of the native convolution.
-        return (winograd_applies(self, x) and x.shape[-2] * x.shape[-1] >= self.winograd_min_pixels
-                and not torch.compiler.is_compiling())
+    def _winograd_tile(self, x: torch.Tensor) -> int:
+        """The Winograd output tile (4 or 2) this call runs with, 0 for none. Never under
+        torch.compile: inductor makes its own kernels of the native convolution."""
+        pixels = x.shape[-2] * x.shape[-1] if x.dim() == 4 else 0
+        for m, min_pixels in ((4, self.winograd4_min_pixels), (2, self.winograd_min_pixels)):
+            if min_pixels and pixels >= min_pixels and winograd_applies(self, x, m) and not torch.compiler.is_compiling():
+                return m
+        return 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gemm_max_pixels and self._gemm_applies(x):
             return conv2d_gemm(x, self.weight, self.bias, self.kept_weight_grad, self.gemm_onednn)
-        if self.winograd_min_pixels and self._winograd_applies(x):
-            return conv2d_winograd(x, self.weight, self.bias, self.gemm_onednn)
+        if m := self._winograd_tile(x):
+            return conv2d_winograd(x, self.weight, self.bias, self.gemm_onednn, m)
         return super().forward(x)
 
 
-def set_conv_gemm(model: nn.Module, max_pixels: int, onednn: bool = False, winograd_min_pixels: int = 0) -> int:
-    """Set ``gemm_max_pixels``, ``gemm_onednn`` and ``winograd_min_pixels`` on every ``Conv2d``
-    inside ``model``; returns how many were set."""
+def set_conv_gemm(model: nn.Module, max_pixels: int, onednn: bool = False, winograd_min_pixels: int = 0,
+                  winograd4_min_pixels: int = 0) -> int:
+    """Set ``gemm_max_pixels``, ``gemm_onednn``, ``winograd_min_pixels`` and ``winograd4_min_pixels``
+    on every ``Conv2d`` inside ``model``; returns how many were set."""
     convs = [module for module in model.modules() if isinstance(module, Conv2d)]
     for conv in convs:
-        conv.gemm_max_pixels, conv.gemm_onednn, conv.winograd_min_pixels = max_pixels, onednn, winograd_min_pixels
+        conv.gemm_max_pixels, conv.gemm_onednn = max_pixels, onednn
+        conv.winograd_min_pixels, conv.winograd4_min_pixels = winograd_min_pixels, winograd4_min_pixels
     return len(convs)

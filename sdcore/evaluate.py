@@ -198,7 +198,8 @@ class EvalFastPaths:
     GEMM, 2x MKL's sgemm on AMD EPYCs; ``conv_gemm_max_pixels``, convolutions of maps of at most that
     many pixels as GEMMs (64: the 8x8 maps of a 64x64 latent); ``conv_winograd_min_pixels``, 3x3
     convolutions of maps of at least that many pixels as Winograd F(2x2, 3x3) (``sdcore.winograd``;
-    the GEMM convolutions keep the maps they are given). ``fast_inception``: the Inception
+    the GEMM convolutions keep the maps they are given), and ``conv_winograd4_min_pixels`` the same as
+    F(4x4, 3x3), which goes first where both apply. ``fast_inception``: the Inception
     network with its BatchNorms folded into the convolutions and channels-last
     (``InceptionV3Features.speed_up_``). ``compile``: the UNet through ``torch.compile`` while it
     samples (compiled once per UNet and batch shape; the compilation, minutes on a CPU, pays off over
@@ -211,6 +212,7 @@ class EvalFastPaths:
     onednn_linear: bool | None = None
     conv_gemm_max_pixels: int | None = None
     conv_winograd_min_pixels: int | None = None
+    conv_winograd4_min_pixels: int | None = None
     fast_inception: bool = False
     compile: bool = False
     keep_freed_memory: bool = False
@@ -225,7 +227,7 @@ class EvalFastPaths:
         paths = cls(**block)
         if paths.attention is not None:
             check_attention_backend(paths.attention)
-        for key in ("conv_gemm_max_pixels", "conv_winograd_min_pixels"):
+        for key in ("conv_gemm_max_pixels", "conv_winograd_min_pixels", "conv_winograd4_min_pixels"):
             if getattr(paths, key) is not None and getattr(paths, key) < 0:
                 raise ValueError(f"eval.fast_paths.{key}: {getattr(paths, key)} is below 0")
         return paths
@@ -233,7 +235,7 @@ class EvalFastPaths:
 
 # What sampling_kernels sets on each kind of module, and restores.
 _KERNEL_SETTINGS = ((CrossAttention, ("attention_backend",)), (Linear, ("onednn",)),
-                    (Conv2d, ("gemm_max_pixels", "winograd_min_pixels", "gemm_onednn")))
+                    (Conv2d, ("gemm_max_pixels", "winograd_min_pixels", "winograd4_min_pixels", "gemm_onednn")))
 
 
 @contextlib.contextmanager
@@ -252,6 +254,8 @@ def sampling_kernels(model: nn.Module, paths: EvalFastPaths):
                 conv.gemm_max_pixels = paths.conv_gemm_max_pixels
             if paths.conv_winograd_min_pixels is not None:
                 conv.winograd_min_pixels = paths.conv_winograd_min_pixels
+            if paths.conv_winograd4_min_pixels is not None:
+                conv.winograd4_min_pixels = paths.conv_winograd4_min_pixels
             if paths.onednn_linear is not None:
                 conv.gemm_onednn = paths.onednn_linear
         yield

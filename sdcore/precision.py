@@ -35,6 +35,7 @@ class FastPaths:
     compile: bool = False
     conv_gemm_max_pixels: int = 0  # 0 | maps of at most this many pixels convolve as one GEMM
     conv_winograd_min_pixels: int = 0  # 0 | 3x3 convolutions of maps of at least this many pixels as Winograd F(2x2, 3x3)
+    conv_winograd4_min_pixels: int = 0  # 0 | the same as F(4x4, 3x3) (4x fewer multiply-adds, ~10x the fp32 rounding); first
     persistent_weight_casts: bool = False  # with autocast: weight casts into buffers kept across steps
     onednn_linear: bool = False    # fp32 linear layers and GEMM convolutions on a CPU: oneDNN's GEMM, not the BLAS sgemm
     fused_optimizer: bool = False  # AdamW as one fused kernel (ulp-level differences) | foreach
@@ -42,7 +43,7 @@ class FastPaths:
 
     def __post_init__(self):
         check_attention_backend(self.attention)
-        for key in ("conv_gemm_max_pixels", "conv_winograd_min_pixels"):
+        for key in ("conv_gemm_max_pixels", "conv_winograd_min_pixels", "conv_winograd4_min_pixels"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.persistent_weight_casts and self.autocast is None:
@@ -73,7 +74,8 @@ class FastPaths:
             keep_freed_memory()
         set_attention_backend(model, self.attention)
         set_conv_gemm(model, self.conv_gemm_max_pixels, onednn=self.onednn_linear,
-                      winograd_min_pixels=self.conv_winograd_min_pixels)
+                      winograd_min_pixels=self.conv_winograd_min_pixels,
+                      winograd4_min_pixels=self.conv_winograd4_min_pixels)
         set_linear_onednn(model, self.onednn_linear)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -285,6 +287,7 @@ CPU_FP32_CONV_GEMM_MAX_PIXELS = 16     # fp32 on a CPU: oneDNN's backward on 4x4
 CPU_FP32_ONEDNN_CONV_GEMM_MAX_PIXELS = 64  # fp32 where the GEMM is oneDNN's (onednn_linear): 8x8 maps too
 CPU_LOW_PRECISION_CONV_GEMM_MAX_PIXELS = 64  # bf16/fp16 autocast on a CPU with fast bf16 (AMX, Zen AVX-512 BF16)
 CPU_FP32_CONV_WINOGRAD_MIN_PIXELS = 256  # fp32 on a CPU: 16x16 and larger maps as Winograd (8x8: the filter transform costs more)
+CPU_FP32_CONV_WINOGRAD4_MIN_PIXELS = 1024  # and 32x32 and larger as F(4x4, 3x3) (16x16: F(2x2, 3x3) is faster with AVX-512)
 FAST_BF16_MARGIN = 1.0                 # bf16 counts as fast where its matmul beats fp32 by this factor
 ONEDNN_LINEAR_MARGIN = 1.2             # fp32 linears go to oneDNN where it beats the BLAS sgemm by this factor
 
@@ -314,7 +317,9 @@ def recommend_fast_paths(precision: str = "fp32", device: str | torch.device = "
       the UNet's small maps; linear layers and those GEMM convolutions on oneDNN's GEMM where it
       beats the BLAS sgemm in fp32 by ``ONEDNN_LINEAR_MARGIN`` (AMD EPYCs, where MKL takes its AVX2 path);
       3x3 convolutions of maps of at least ``CPU_FP32_CONV_WINOGRAD_MIN_PIXELS`` as Winograd F(2x2, 3x3)
-      (2.25x fewer multiply-adds where the native convolution already runs near the matmul peak);
+      (2.25x fewer multiply-adds where the native convolution already runs near the matmul peak),
+      of at least ``CPU_FP32_CONV_WINOGRAD4_MIN_PIXELS`` as F(4x4, 3x3) (4x fewer; in fp32 only: its
+      larger transformed values would cost bf16 products several ulps);
     * CPU, bf16/fp16 autocast where bf16 is fast: GEMM convolutions up to
       ``CPU_LOW_PRECISION_CONV_GEMM_MAX_PIXELS`` pixels and persistent weight casts. Where bf16 is
       not fast, the fp32 choice (autocast stays as asked: precision is the run's decision, and
@@ -330,7 +335,9 @@ def recommend_fast_paths(precision: str = "fp32", device: str | torch.device = "
     onednn = autocast is None and onednn_beats_blas(fp32_gflops, onednn_fp32_gflops)
     return FastPaths(attention="sdpa", autocast=autocast, onednn_linear=onednn,
                      conv_gemm_max_pixels=CPU_FP32_ONEDNN_CONV_GEMM_MAX_PIXELS if onednn else CPU_FP32_CONV_GEMM_MAX_PIXELS,
-                     conv_winograd_min_pixels=CPU_FP32_CONV_WINOGRAD_MIN_PIXELS, fused_optimizer=True,
+                     conv_winograd_min_pixels=CPU_FP32_CONV_WINOGRAD_MIN_PIXELS,
+                     conv_winograd4_min_pixels=CPU_FP32_CONV_WINOGRAD4_MIN_PIXELS if autocast is None else 0,
+                     fused_optimizer=True,
                      keep_freed_memory=True)
 
 

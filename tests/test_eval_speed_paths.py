@@ -102,7 +102,8 @@ def kernel_settings(model) -> tuple[set, set, set]:
     """Every module's kernel switches: attention backends, Linear.onednn, the GEMM and Winograd convolutions'."""
     return ({m.attention_backend for m in model.modules() if isinstance(m, CrossAttention)},
             {m.onednn for m in model.modules() if isinstance(m, Linear)},
-            {(m.gemm_max_pixels, m.winograd_min_pixels, m.gemm_onednn) for m in model.modules() if isinstance(m, Conv2d)})
+            {(m.gemm_max_pixels, m.winograd_min_pixels, m.winograd4_min_pixels, m.gemm_onednn)
+             for m in model.modules() if isinstance(m, Conv2d)})
 
 
 def test_gemm_kernel_sampling_gives_the_images_of_the_native_kernels(inputs):
@@ -119,25 +120,27 @@ def test_gemm_kernel_sampling_gives_the_images_of_the_native_kernels(inputs):
         images = gemm.generate(model, PROMPTS, x_T)
     assert (images - reference).abs().max().item() <= IMAGE_ATOL
     assert {"_linear_pointwise", "im2col"} <= gemm_ops.names - native_ops.names  # the GEMM kernels did run
-    assert kernel_settings(model) == ({"math"}, {False}, {(0, 0, False)})
+    assert kernel_settings(model) == ({"math"}, {False}, {(0, 0, 0, False)})
 
 
-def test_winograd_sampling_gives_the_images_of_the_native_kernels(inputs, monkeypatch):
-    """eval.fast_paths.conv_winograd_min_pixels: 64 (the tiny UNet's 8x8 latent level) beside sdpa alone."""
+@pytest.mark.parametrize("key, m", [("conv_winograd_min_pixels", 2), ("conv_winograd4_min_pixels", 4)])
+def test_winograd_sampling_gives_the_images_of_the_native_kernels(inputs, monkeypatch, key, m):
+    """eval.fast_paths.conv_winograd_min_pixels or conv_winograd4_min_pixels: 64 (the tiny UNet's 8x8
+    latent level) beside sdpa alone."""
     params = config()["model"]["params"]
     native = ImageGenerator(params, inputs.sd_checkpoint, "cpu", ddim_steps=DDIM_STEPS, fast_paths={"attention": "sdpa"})
     winograd = ImageGenerator(params, inputs.sd_checkpoint, "cpu", ddim_steps=DDIM_STEPS,
-                              fast_paths={"attention": "sdpa", "conv_winograd_min_pixels": 64})
+                              fast_paths={"attention": "sdpa", key: 64})
     model = unet()
     x_T = initial_latents(range(len(PROMPTS)), native.latent_shape, 0)
     reference = native.generate(model, PROMPTS, x_T)
     calls = []
     monkeypatch.setattr(sdcore.conv, "conv2d_winograd",
-                        lambda x, *args: calls.append(tuple(x.shape[-2:])) or conv2d_winograd(x, *args))
+                        lambda x, *args: calls.append((tuple(x.shape[-2:]), args[-1])) or conv2d_winograd(x, *args))
     images = winograd.generate(model, PROMPTS, x_T)
     assert (images - reference).abs().max().item() <= IMAGE_ATOL
-    assert set(calls) == {(8, 8)} and len(calls) >= 2 * DDIM_STEPS  # every guided step, the 8x8 level only
-    assert kernel_settings(model) == ({"math"}, {False}, {(0, 0, False)})
+    assert set(calls) == {((8, 8), m)} and len(calls) >= 2 * DDIM_STEPS  # every guided step, the 8x8 level only
+    assert kernel_settings(model) == ({"math"}, {False}, {(0, 0, 0, False)})
 
 
 def test_sampling_kernels_set_what_is_given_and_restore_each_module():
@@ -146,10 +149,11 @@ def test_sampling_kernels_set_what_is_given_and_restore_each_module():
     set_conv_gemm(model, 16, winograd_min_pixels=1024)
     own = kernel_settings(model)
     with sampling_kernels(model, EvalFastPaths(onednn_linear=True, conv_gemm_max_pixels=64)):
-        assert kernel_settings(model) == ({"sdpa"}, {True}, {(64, 1024, True)})  # attention None: the UNet's own
+        assert kernel_settings(model) == ({"sdpa"}, {True}, {(64, 1024, 0, True)})  # attention None: the UNet's own
     assert kernel_settings(model) == own
-    with sampling_kernels(model, EvalFastPaths(conv_gemm_max_pixels=64, conv_winograd_min_pixels=256)):
-        assert kernel_settings(model) == ({"sdpa"}, {False}, {(64, 256, False)})  # onednn_linear None: the UNet's own
+    with sampling_kernels(model, EvalFastPaths(conv_gemm_max_pixels=64, conv_winograd_min_pixels=256,
+                                               conv_winograd4_min_pixels=1024)):
+        assert kernel_settings(model) == ({"sdpa"}, {False}, {(64, 256, 1024, False)})  # onednn_linear None: the UNet's own
     assert kernel_settings(model) == own
     with pytest.raises(RuntimeError, match="inside"), sampling_kernels(model, EvalFastPaths(attention="math")):
         assert kernel_settings(model)[0] == {"math"}
@@ -210,10 +214,10 @@ def test_evaluation_with_every_speed_path_scores_like_the_faithful_one(inputs):
 def test_eval_fast_paths_config():
     assert EvalFastPaths.from_config(None) == EvalFastPaths() == EvalFastPaths(
         attention=None, onednn_linear=None, conv_gemm_max_pixels=None, conv_winograd_min_pixels=None,
-        fast_inception=False, compile=False, keep_freed_memory=False)
+        conv_winograd4_min_pixels=None, fast_inception=False, compile=False, keep_freed_memory=False)
     assert EvalFastPaths.from_config({"onednn_linear": True, "conv_gemm_max_pixels": 64}) == EvalFastPaths(
         onednn_linear=True, conv_gemm_max_pixels=64)
-    for key in ("conv_gemm_max_pixels", "conv_winograd_min_pixels"):
+    for key in ("conv_gemm_max_pixels", "conv_winograd_min_pixels", "conv_winograd4_min_pixels"):
         with pytest.raises(ValueError, match=key):
             EvalFastPaths.from_config({key: -1})
     assert EvalFastPaths.from_config({"compile": True}).compile

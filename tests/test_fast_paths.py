@@ -82,8 +82,12 @@ ALL_MAPS = 1 << 20  # conv_gemm_max_pixels that sends every eligible convolution
     FastPaths(attention="sdpa", conv_gemm_max_pixels=ALL_MAPS, onednn_linear=True),
     FastPaths(conv_winograd_min_pixels=1),
     FastPaths(attention="sdpa", conv_gemm_max_pixels=4, conv_winograd_min_pixels=16, onednn_linear=True),
+    FastPaths(conv_winograd4_min_pixels=1),
+    FastPaths(attention="sdpa", conv_gemm_max_pixels=4, conv_winograd_min_pixels=16, conv_winograd4_min_pixels=256,
+              onednn_linear=True),
 ], ids=["sdpa", "channels_last", "sdpa+channels_last", "conv_gemm", "sdpa+channels_last+conv_gemm", "onednn_linear",
-        "sdpa+conv_gemm+onednn_linear", "conv_winograd", "sdpa+conv_gemm+conv_winograd+onednn_linear"])
+        "sdpa+conv_gemm+onednn_linear", "conv_winograd", "sdpa+conv_gemm+conv_winograd+onednn_linear", "conv_winograd4",
+        "sdpa+conv_gemm+conv_winograd+conv_winograd4+onednn_linear"])
 def test_fp32_fast_paths_match_eager(golden, eager_fp32, fast_paths):
     out, grad = forward_backward(golden_unet(golden), golden_inputs(golden), fast_paths)
     assert out.dtype == torch.float32
@@ -191,6 +195,7 @@ def test_autocast_context_and_config():
     ({"autocast": "int8"}, "autocast"),
     ({"conv_gemm_max_pixels": -1}, "conv_gemm_max_pixels"),
     ({"conv_winograd_min_pixels": -1}, "conv_winograd_min_pixels"),
+    ({"conv_winograd4_min_pixels": -1}, "conv_winograd4_min_pixels"),
     ({"persistent_weight_casts": True}, "needs autocast"),
 ])
 def test_invalid_switches_are_rejected(kwargs, message):
@@ -383,7 +388,8 @@ def test_recommended_cpu_fp32_path_matches_eager(golden, eager_fp32):
 
 
 def test_recommendations_follow_the_measured_peaks():
-    from sdcore.precision import (CPU_FP32_CONV_GEMM_MAX_PIXELS, CPU_FP32_CONV_WINOGRAD_MIN_PIXELS,
+    from sdcore.precision import (CPU_FP32_CONV_GEMM_MAX_PIXELS, CPU_FP32_CONV_WINOGRAD4_MIN_PIXELS,
+                                  CPU_FP32_CONV_WINOGRAD_MIN_PIXELS,
                                   CPU_FP32_ONEDNN_CONV_GEMM_MAX_PIXELS, CPU_LOW_PRECISION_CONV_GEMM_MAX_PIXELS,
                                   recommend_fast_paths, recommend_precision)
 
@@ -391,23 +397,24 @@ def test_recommendations_follow_the_measured_peaks():
         dict(fp32_gflops=180.0, bf16_gflops=1.8)
     assert recommend_precision(**no_amx) == recommend_precision(**avx2) == "fp32"
     assert recommend_precision(**amx) == "bf16"
-    winograd = CPU_FP32_CONV_WINOGRAD_MIN_PIXELS
+    winograd, winograd4 = CPU_FP32_CONV_WINOGRAD_MIN_PIXELS, CPU_FP32_CONV_WINOGRAD4_MIN_PIXELS
     for peaks in (no_amx, amx, avx2):  # fp32 on any CPU: sdpa + GEMM convolutions on the smallest maps, Winograd on the largest
         assert recommend_fast_paths("fp32", "cpu", **peaks, onednn_fp32_gflops=peaks["fp32_gflops"]) == FastPaths(
             attention="sdpa", conv_gemm_max_pixels=CPU_FP32_CONV_GEMM_MAX_PIXELS, conv_winograd_min_pixels=winograd,
-            fused_optimizer=True, keep_freed_memory=True)
+            conv_winograd4_min_pixels=winograd4, fused_optimizer=True, keep_freed_memory=True)
     # where MKL's sgemm takes its AVX2 path (AMD EPYC with AVX-512, measured 175 against oneDNN's 321)
     epyc = dict(fp32_gflops=175.0, bf16_gflops=798.0, onednn_fp32_gflops=321.0)
     assert recommend_fast_paths("fp32", "cpu", **epyc) == FastPaths(  # with oneDNN's GEMM, 8x8 maps as GEMMs too
         attention="sdpa", conv_gemm_max_pixels=CPU_FP32_ONEDNN_CONV_GEMM_MAX_PIXELS, conv_winograd_min_pixels=winograd,
-        onednn_linear=True, fused_optimizer=True, keep_freed_memory=True)
+        conv_winograd4_min_pixels=winograd4, onednn_linear=True, fused_optimizer=True, keep_freed_memory=True)
     assert not recommend_fast_paths("bf16", "cpu", **epyc).onednn_linear  # inert under autocast: not set
     assert not recommend_fast_paths("fp32", "cpu", fp32_gflops=175.0, bf16_gflops=1.0,
                                     onednn_fp32_gflops=200.0).onednn_linear  # within the margin
     assert recommend_fast_paths("bf16", "cpu", **amx) == FastPaths(
         attention="sdpa", autocast="bf16", conv_gemm_max_pixels=CPU_LOW_PRECISION_CONV_GEMM_MAX_PIXELS,
         persistent_weight_casts=True, fused_optimizer=True, keep_freed_memory=True)
-    # bf16 asked for where it is slow: the run's precision is kept, the fp32 kernel choices apply
+    # bf16 asked for where it is slow: the run's precision is kept, the fp32 kernel choices apply but
+    # F(4x4, 3x3), whose bf16 products round its larger transformed values
     assert recommend_fast_paths("bf16", "cpu", **no_amx) == FastPaths(
         attention="sdpa", autocast="bf16", conv_gemm_max_pixels=CPU_FP32_CONV_GEMM_MAX_PIXELS,
         conv_winograd_min_pixels=winograd, fused_optimizer=True, keep_freed_memory=True)

@@ -1,8 +1,9 @@
 """The Winograd convolution fast path (sdcore.winograd) against F.conv2d, and when it applies.
 
-In float64 the algorithm is exact up to rounding (its transforms' entries are 0, +-1/2, +-1), so a
-wrong sign or tile offset anywhere in a transform or its adjoint shows as an O(1) error there. In
-fp32 and under bf16 autocast it is held to the native convolution's own error against float64.
+In float64 both tile sizes are exact up to rounding, so a wrong sign, entry or tile offset anywhere
+in a transform or its adjoint shows as an O(1) error there. In fp32 and under bf16 autocast they are
+held to the native convolution's own error against float64: F(2x2, 3x3) (transform entries 0,
++-1/2, +-1) within a few times it, F(4x4, 3x3) (entries up to 8, thirds, fifteenths) within 40x.
 """
 
 import pytest
@@ -41,14 +42,15 @@ def case(n, c_in, c_out, h, w, bias, channels_last, dtype=torch.float64, seed=0)
     return [t.requires_grad_() if t is not None else None for t in (x, weight, b)] + [grad_out]
 
 
-SHAPES = [(2, 5, 7, 6, 8, True, False), (1, 3, 4, 2, 2, False, True), (3, 16, 8, 4, 10, True, True)]
+SHAPES = [(2, 2, 5, 7, 6, 8, True, False), (2, 1, 3, 4, 2, 2, False, True), (2, 3, 16, 8, 4, 10, True, True),
+          (4, 2, 5, 7, 8, 12, True, False), (4, 1, 3, 4, 4, 4, False, True), (4, 3, 16, 8, 16, 8, True, True)]
 
 
-@pytest.mark.parametrize("n, c_in, c_out, h, w, bias, channels_last", SHAPES)
-def test_winograd_is_the_convolution_in_float64(n, c_in, c_out, h, w, bias, channels_last):
+@pytest.mark.parametrize("m, n, c_in, c_out, h, w, bias, channels_last", SHAPES)
+def test_winograd_is_the_convolution_in_float64(m, n, c_in, c_out, h, w, bias, channels_last):
     x, weight, b, grad_out = case(n, c_in, c_out, h, w, bias, channels_last)
     want = conv_and_grads(native, x, weight, b, grad_out)
-    got = conv_and_grads(conv2d_winograd, x, weight, b, grad_out)
+    got = conv_and_grads(lambda *a: conv2d_winograd(*a, m=m), x, weight, b, grad_out)
     assert got[0].is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     assert got[1].shape == x.shape
     for g, r in zip(got, want):
@@ -56,35 +58,38 @@ def test_winograd_is_the_convolution_in_float64(n, c_in, c_out, h, w, bias, chan
 
 
 @pytest.mark.parametrize("onednn", [False, True], ids=["bmm", "onednn_gemm"])
-def test_winograd_fp32_is_as_close_to_float64_as_the_native_convolution(onednn):
+@pytest.mark.parametrize("m, bound", [(2, 4), (4, 40)], ids=["F2", "F4"])
+def test_winograd_fp32_is_as_close_to_float64_as_the_native_convolution(onednn, m, bound):
+    """Measured: F(2x2, 3x3) within 2x the native fp32 convolution's error, F(4x4, 3x3) within 4-14x."""
     x64, w64, b64, grad_out = case(2, 48, 40, 8, 12, True, False)
     want = conv_and_grads(native, x64, w64, b64, grad_out)
     x, weight, b = (t.detach().float().requires_grad_() for t in (x64, w64, b64))
     ops = _AtenOps()
     with ops:
-        got = conv_and_grads(lambda *a: conv2d_winograd(*a, onednn=onednn), x, weight, b, grad_out.float())
+        got = conv_and_grads(lambda *a: conv2d_winograd(*a, onednn=onednn, m=m), x, weight, b, grad_out.float())
     assert ("_linear_pointwise" in ops.names) == onednn and ("bmm" in ops.names) != onednn, ops.names
     assert all(t.dtype == torch.float32 for t in got)
     reference = conv_and_grads(native, x, weight, b, grad_out.float())
     for g, n, r in zip(got, reference, want):
-        # measured: within 2x the native fp32 convolution's error, both near 1e-7
-        assert relative_error(g, r) <= max(4 * relative_error(n, r), 1e-6)
+        assert relative_error(g, r) <= max(bound * relative_error(n, r), 1e-6)
 
 
-def test_winograd_under_bf16_autocast_rounds_like_the_convolution():
-    """Products in bf16, transforms in fp32: measured 1.5-2.2x the native bf16 convolution's error
-    against float64 (output and gradients), which is a couple of bf16 ulps."""
+@pytest.mark.parametrize("m, bound, ceiling", [(2, 3, 0.02), (4, 16, 0.06)], ids=["F2", "F4"])
+def test_winograd_under_bf16_autocast_rounds_like_the_convolution(m, bound, ceiling):
+    """Products in bf16, transforms in fp32: F(2x2, 3x3) measured 1.5-1.9x the native bf16
+    convolution's error against float64 (output and gradients), a couple of bf16 ulps; F(4x4, 3x3)
+    6-11x (4 %), which is why no recommendation sets it under autocast."""
     x64, w64, b64, grad_out = case(4, 64, 48, 16, 16, True, False)
     want = conv_and_grads(native, x64, w64, b64, grad_out)
     x, weight, b = (t.detach().float().requires_grad_() for t in (x64, w64, b64))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = conv_and_grads(conv2d_winograd, x, weight, b, grad_out.float())
+        got = conv_and_grads(lambda *a: conv2d_winograd(*a, m=m), x, weight, b, grad_out.float())
         reference = conv_and_grads(native, x, weight, b, grad_out.float())
     assert got[0].dtype == reference[0].dtype == torch.bfloat16
     assert [t.dtype for t in got[1:]] == [torch.float32] * 3
     for g, n, r in zip(got, reference, want):
-        assert relative_error(g, r) <= max(3 * relative_error(n, r), 1e-3)
-        assert relative_error(g, r) < 0.02
+        assert relative_error(g, r) <= max(bound * relative_error(n, r), 1e-3)
+        assert relative_error(g, r) < ceiling
 
 
 def counting_winograd(monkeypatch) -> list:
@@ -115,13 +120,32 @@ def test_threshold_and_eligibility(monkeypatch):
     assert calls == [(8, 8)]
 
 
-def test_winograd_module_matches_native_in_fp32():
+def test_the_larger_tile_goes_first_where_it_applies(monkeypatch):
+    tiles = []
+    monkeypatch.setattr(sdcore.conv, "conv2d_winograd",
+                        lambda x, weight, bias, onednn, m: tiles.append((tuple(x.shape[-2:]), m)) or conv2d_winograd(
+                            x, weight, bias, onednn, m))
+    conv = Conv2d(4, 4, 3, padding=1)
+    set_conv_gemm(conv, 0, winograd_min_pixels=16, winograd4_min_pixels=64)
+    for side in (8, 6, 4, 2):
+        conv(torch.randn(1, 4, side, side))
+    # 8x8: F(4x4, 3x3); 6x6, sides not multiples of 4: F(2x2, 3x3); 4x4, below 64 pixels: F(2x2, 3x3); 2x2: native
+    assert tiles == [((8, 8), 4), ((6, 6), 2), ((4, 4), 2)]
+    set_conv_gemm(conv, 0, winograd4_min_pixels=16)
+    conv(torch.randn(1, 4, 6, 6))        # F(4x4, 3x3) alone does not take sides it cannot tile
+    conv(torch.randn(1, 4, 4, 4))
+    assert tiles[3:] == [((4, 4), 4)]
+
+
+@pytest.mark.parametrize("paths", [FastPaths(conv_winograd_min_pixels=1), FastPaths(conv_winograd4_min_pixels=1)],
+                         ids=["F2", "F4"])
+def test_winograd_module_matches_native_in_fp32(paths):
     torch.manual_seed(0)
     conv = Conv2d(16, 24, 3, padding=1)
     x = torch.randn(2, 16, 8, 8, requires_grad=True)
     ref = conv(x)
     ref_grads = torch.autograd.grad(ref.square().sum(), [x, *conv.parameters()])
-    FastPaths(conv_winograd_min_pixels=1).apply(conv)
+    paths.apply(conv)
     out = conv(x)
     grads = torch.autograd.grad(out.square().sum(), [x, *conv.parameters()])
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

@@ -51,7 +51,7 @@ def tiny_config(root: str, eval_mode: str = "inline", nproc_per_node: int = 1, *
         "checkpoint_every_samples": 24, "max_samples": 48, "num_workers": 0,
         "tensorboard": False, "plot_every_steps": 1000, "text_embeddings": "online",
         "fast_paths": {"attention": "math", "channels_last": False, "compile": False, "conv_gemm_max_pixels": 0,
-                       "conv_winograd_min_pixels": 0,
+                       "conv_winograd_min_pixels": 0, "conv_winograd4_min_pixels": 0,
                        "persistent_weight_casts": False, "onednn_linear": False,
                        "fused_optimizer": False, "keep_freed_memory": False},
     }
