@@ -10,8 +10,8 @@ by default, for these contenders:
     CPU (its choice is printed), and the same with native convolutions where it picks Winograd ones
     (``conv_winograd_min_pixels``, ``conv_winograd4_min_pixels``), and the same with F(2x2, 3x3)
     where it picks F(4x4, 3x3), so those choices are measured too. The Winograd products do 2.25x
-    (F(2x2, 3x3)) or 4x (F(4x4, 3x3)) fewer FLOPs than the convolutions they replace; the FLOPs per sample are the convolutions', so
-    a Winograd path's "% of peak" is an effective rate and can pass what its kernels run at;
+    (F(2x2, 3x3)) or 4x (F(4x4, 3x3)) fewer FLOPs than the convolutions they replace; the FLOPs per
+    sample are the convolutions', so a Winograd path's "% of peak" is an effective rate and can pass what its kernels run at;
   * diffusers' UNet2DConditionModel at the SD2 architecture, fp32 (and fp32 + channels-last, so a
     memory-format gain is not credited to sdcore alone). diffusers cannot build the MLPerf 16-group
     GroupNorm of the residual blocks: it is built with 32 groups (same parameters, same FLOPs);

@@ -7,7 +7,7 @@ backward. It computes the same convolution with the sums in a different order: i
 agree to rounding, under autocast both round once to the low dtype. On GPUs leave it off (cuDNN
 picks its own algorithms).
 
-``Conv2d`` is ``nn.Conv2d`` (same parameters and state_dict names) with three switches:
+``Conv2d`` is ``nn.Conv2d`` (same parameters and state_dict names) with four switches:
 ``gemm_max_pixels``: a stride-1, "same"-padded, ungrouped call on a map of at most that many
 pixels (H x W) takes the GEMM kernel; 0 (the default) keeps every call on ``F.conv2d``;
 ``winograd_min_pixels`` and ``winograd4_min_pixels``: a 3x3 call that ``sdcore.winograd.winograd_applies``
@@ -145,9 +145,11 @@ class Conv2d(nn.Conv2d):
     def _winograd_tile(self, x: torch.Tensor) -> int:
         """The Winograd output tile (4 or 2) this call runs with, 0 for none. Never under
         torch.compile: inductor makes its own kernels of the native convolution."""
+        if not (self.winograd4_min_pixels or self.winograd_min_pixels) or torch.compiler.is_compiling():
+            return 0  # the faithful default: nothing more to check on every call
         pixels = x.shape[-2] * x.shape[-1] if x.dim() == 4 else 0
         for m, min_pixels in ((4, self.winograd4_min_pixels), (2, self.winograd_min_pixels)):
-            if min_pixels and pixels >= min_pixels and winograd_applies(self, x, m) and not torch.compiler.is_compiling():
+            if min_pixels and pixels >= min_pixels and winograd_applies(self, x, m):
                 return m
         return 0
 
