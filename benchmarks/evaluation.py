@@ -25,7 +25,10 @@ guidance on a batch of uncond + cond, ``vae.decode(latents / scaling_factor)``).
 both sides' images for the same latents and contexts must agree (max abs difference printed,
 required below 1e-3). The sdcore rows: the faithful path, sdpa attention, sdpa with the linear
 layers and the 8x8-map convolutions on oneDNN's GEMM (``eval.fast_paths.onednn_linear`` and
-``conv_gemm_max_pixels: 64``), and sdpa with the UNet compiled (``eval.fast_paths.compile``; its
+``conv_gemm_max_pixels: 64``), those with the attention's products on oneDNN's GEMM as well and the
+16x16 and larger maps' 3x3 convolutions as Winograd F(2x2, 3x3) and F(4x4, 3x3)
+(``attention: onednn``, ``conv_winograd_min_pixels: 256``, ``conv_winograd4_min_pixels: 1024``;
+each layer's filter tiles are kept over the sampling), and sdpa with the UNet compiled (``eval.fast_paths.compile``; its
 compilation is done once before the timing and its time printed). Goal: sdcore >= 1.3x diffusers
 on the same work.
 
@@ -63,6 +66,13 @@ GOAL_VS_DIFFUSERS = 1.3
 GOAL_OTHER_STAGE_SHARE = 0.15
 FULL_DDIM_STEPS = 50
 AGREEMENT_ATOL = 1e-3
+# On top of the GEMM kernels: attention's products and Winograd convolutions of the 16x16 and larger
+# maps on oneDNN's GEMM too (fp32), each layer's filter tiles kept over the sampling.
+FASTEST_FP32_KERNELS = {"attention": "onednn", "conv_winograd_min_pixels": 256, "conv_winograd4_min_pixels": 1024}
+
+
+def paths_text(paths: dict) -> str:
+    return "{" + ", ".join(f"{key}: {str(value).lower()}" for key, value in paths.items()) + "}"
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -283,11 +293,15 @@ def compare_with_diffusers(config: dict, inputs: EvalInputs, state: dict, unet, 
     difference = (sdcore_with(**gemm_kernels) - eager_sdpa).abs().max().item()
     print(f"  eval.fast_paths {{onednn_linear: true, conv_gemm_max_pixels: 64}}: images within {difference:.1e} "
           f"of eager sdpa")
+    fastest = {**gemm_kernels, **FASTEST_FP32_KERNELS}
+    difference = (sdcore_with(**fastest) - eager_sdpa).abs().max().item()
+    print(f"  eval.fast_paths {paths_text(fastest)}: images within {difference:.1e} of eager sdpa")
     del eager_sdpa
     contenders = {"sdcore faithful (math attention)": lambda stages: sdcore_with(stages, attention="math"),
                   "sdcore eval.fast_paths.attention sdpa": lambda stages: sdcore_with(stages, attention="sdpa"),
                   "sdcore eval.fast_paths {attention: sdpa, onednn_linear: true, conv_gemm_max_pixels: 64}":
                       lambda stages: sdcore_with(stages, **gemm_kernels),
+                  f"sdcore eval.fast_paths {paths_text(fastest)}": lambda stages: sdcore_with(stages, **fastest),
                   "sdcore eval.fast_paths {attention: sdpa, compile: true}": sdcore_compiled,
                   "diffusers": lambda stages: diffusers_generate(d_unet, d_vae, scheduler, x_T, cond, uncond, steps,
                                                                  guidance, stages)}
@@ -385,6 +399,9 @@ def main() -> None:
                         "fast_inception: true}":
                             {"attention": "sdpa", "onednn_linear": True, "conv_gemm_max_pixels": 64,
                              "fast_inception": True}}
+            fastest = {"onednn_linear": True, "conv_gemm_max_pixels": 64, **FASTEST_FP32_KERNELS, "fast_inception": True}
+            if config["eval"]["precision"] == "fp32":  # oneDNN's products take fp32 calls only
+                variants[f"eval.fast_paths {paths_text(fastest)}"] = fastest
             best = {name: (float("inf"), None) for name in variants}
             for _ in range(args.repeats if scale == "demo" else 1):
                 for name, fast_paths in variants.items():

@@ -301,6 +301,9 @@ def main() -> None:
         Contender("sdcore fp32 sdpa", "sdcore", FastPaths(attention="sdpa"), sdcore),
         Contender(f"sdcore fp32 recommended ({describe(recommended)})", "sdcore", recommended, sdcore),
     ]
+    if recommended.attention == "onednn":  # the attention choice measured: the fused kernel instead
+        contenders.append(Contender("sdcore fp32 recommended, sdpa attention", "sdcore",
+                                    dataclasses.replace(recommended, attention="sdpa"), sdcore))
     if recommended.conv_winograd4_min_pixels:  # the F(4x4, 3x3) choice measured: F(2x2, 3x3) there instead
         contenders.append(Contender("sdcore fp32 recommended, Winograd F(2x2, 3x3) only", "sdcore",
                                     dataclasses.replace(recommended, conv_winograd4_min_pixels=0), sdcore))

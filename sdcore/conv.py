@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdcore.linear import linear_onednn, onednn_applies
-from sdcore.winograd import conv2d_winograd, winograd_applies
+from sdcore.winograd import FilterTileCache, conv2d_winograd, winograd_applies
 
 
 class WeightGradBuffer:
@@ -124,12 +124,15 @@ def conv2d_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` that runs small maps through ``conv2d_gemm`` when ``gemm_max_pixels`` > 0 and
     large ones through ``conv2d_winograd`` when ``winograd4_min_pixels`` or ``winograd_min_pixels``
-    is > 0 (the products on oneDNN's GEMM in fp32 when ``gemm_onednn`` is set)."""
+    is > 0 (the products on oneDNN's GEMM in fp32 when ``gemm_onednn`` is set). With a
+    ``winograd_filters`` cache (set while sampling), calls without a weight gradient reuse the
+    transformed filters."""
 
     gemm_max_pixels: int = 0
     winograd_min_pixels: int = 0
     winograd4_min_pixels: int = 0
     gemm_onednn: bool = False
+    winograd_filters: FilterTileCache | None = None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -157,7 +160,7 @@ class Conv2d(nn.Conv2d):
         if self.gemm_max_pixels and self._gemm_applies(x):
             return conv2d_gemm(x, self.weight, self.bias, self.kept_weight_grad, self.gemm_onednn)
         if m := self._winograd_tile(x):
-            return conv2d_winograd(x, self.weight, self.bias, self.gemm_onednn, m)
+            return conv2d_winograd(x, self.weight, self.bias, self.gemm_onednn, m, self.winograd_filters)
         return super().forward(x)
 
 

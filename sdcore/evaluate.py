@@ -48,6 +48,7 @@ from sdcore.conv import Conv2d
 from sdcore.linear import Linear, set_linear_onednn
 from sdcore.precision import FastPaths, keep_freed_memory
 from sdcore.unet import UNetModel
+from sdcore.winograd import FilterTileCache
 
 log = logging.getLogger(__name__)
 
@@ -194,8 +195,8 @@ class EvalFastPaths:
 
     The UNet's kernels while it samples, each restored afterwards, None leaving the UNet's own (a
     trained UNet keeps its ``train.fast_paths``): ``attention`` (``"math"``, the reference's fp32
-    softmax, or ``"sdpa"``); ``onednn_linear``, fp32 linear layers (and GEMM convolutions) on oneDNN's
-    GEMM, 2x MKL's sgemm on AMD EPYCs; ``conv_gemm_max_pixels``, convolutions of maps of at most that
+    softmax, ``"sdpa"`` or ``"onednn"``); ``onednn_linear``, fp32 linear layers (and GEMM
+    convolutions) on oneDNN's GEMM, 2x MKL's sgemm on AMD EPYCs; ``conv_gemm_max_pixels``, convolutions of maps of at most that
     many pixels as GEMMs (64: the 8x8 maps of a 64x64 latent); ``conv_winograd_min_pixels``, 3x3
     convolutions of maps of at least that many pixels as Winograd F(2x2, 3x3) (``sdcore.winograd``;
     the GEMM convolutions keep the maps they are given), and ``conv_winograd4_min_pixels`` the same as
@@ -235,13 +236,16 @@ class EvalFastPaths:
 
 # What sampling_kernels sets on each kind of module, and restores.
 _KERNEL_SETTINGS = ((CrossAttention, ("attention_backend",)), (Linear, ("onednn",)),
-                    (Conv2d, ("gemm_max_pixels", "winograd_min_pixels", "winograd4_min_pixels", "gemm_onednn")))
+                    (Conv2d, ("gemm_max_pixels", "winograd_min_pixels", "winograd4_min_pixels", "gemm_onednn",
+              "winograd_filters")))
 
 
 @contextlib.contextmanager
 def sampling_kernels(model: nn.Module, paths: EvalFastPaths):
     """``model``'s attention, linear and convolution kernels as ``paths`` sets them inside the block,
-    every module's own restored after (a trained UNet goes back to training with its own)."""
+    every module's own restored after (a trained UNet goes back to training with its own). Inside,
+    each convolution keeps its Winograd filter tiles (``sdcore.winograd.FilterTileCache``: the
+    weights are fixed while sampling); they are dropped on leaving."""
     saved = [(module, {name: getattr(module, name) for name in names})
              for module in model.modules() for kind, names in _KERNEL_SETTINGS if isinstance(module, kind)]
     try:
@@ -250,6 +254,7 @@ def sampling_kernels(model: nn.Module, paths: EvalFastPaths):
         if paths.onednn_linear is not None:
             set_linear_onednn(model, paths.onednn_linear)
         for conv in (module for module in model.modules() if isinstance(module, Conv2d)):
+            conv.winograd_filters = FilterTileCache()
             if paths.conv_gemm_max_pixels is not None:
                 conv.gemm_max_pixels = paths.conv_gemm_max_pixels
             if paths.conv_winograd_min_pixels is not None:

@@ -29,7 +29,7 @@ PRECISION_TO_AUTOCAST = {"fp32": None, "bf16": "bf16", "fp16": "fp16"}
 
 @dataclass(frozen=True)
 class FastPaths:
-    attention: str = "math"        # "math" (reference fp32 softmax) | "sdpa"
+    attention: str = "math"        # "math" (reference fp32 softmax) | "sdpa" | "onednn" (fp32 CPU products on oneDNN)
     channels_last: bool = False
     autocast: str | None = None    # None | "bf16" | "fp16"
     compile: bool = False
@@ -307,7 +307,8 @@ def recommend_fast_paths(precision: str = "fp32", device: str | torch.device = "
     """The fast paths to train the UNet with at ``precision`` on ``device``, chosen from what this
     machine is (measured, or the given matmul peaks): each switch is one that was faster there.
 
-    * every device: sdpa attention (fused; the reference's math attention materialises the scores)
+    * every device: sdpa attention (fused; the reference's math attention materialises the scores),
+      except as below
       and the fused AdamW kernel (one pass over the parameters instead of a dozen);
     * CPU: ``keep_freed_memory`` (no page faults for the memory every step frees and takes again);
     * CUDA: channels-last (cuDNN's NHWC kernels), no GEMM convolutions (cuDNN picks its own);
@@ -315,7 +316,9 @@ def recommend_fast_paths(precision: str = "fp32", device: str | torch.device = "
       (``CPU_FP32_ONEDNN_CONV_GEMM_MAX_PIXELS`` where the GEMM is oneDNN's);
       contiguous (NCHW) activations, which oneDNN's fp32 kernels run faster than channels-last on
       the UNet's small maps; linear layers and those GEMM convolutions on oneDNN's GEMM where it
-      beats the BLAS sgemm in fp32 by ``ONEDNN_LINEAR_MARGIN`` (AMD EPYCs, where MKL takes its AVX2 path);
+      beats the BLAS sgemm in fp32 by ``ONEDNN_LINEAR_MARGIN`` (AMD EPYCs, where MKL takes its AVX2 path),
+      and there the attention's products too (``attention: onednn``; 1.6-1.9x the fused kernel from
+      1024 tokens);
       3x3 convolutions of maps of at least ``CPU_FP32_CONV_WINOGRAD_MIN_PIXELS`` as Winograd F(2x2, 3x3)
       (2.25x fewer multiply-adds where the native convolution already runs near the matmul peak),
       of at least ``CPU_FP32_CONV_WINOGRAD4_MIN_PIXELS`` as F(4x4, 3x3) (4x fewer; in fp32 only: its
@@ -333,7 +336,7 @@ def recommend_fast_paths(precision: str = "fp32", device: str | torch.device = "
         return FastPaths(attention="sdpa", autocast=autocast, conv_gemm_max_pixels=CPU_LOW_PRECISION_CONV_GEMM_MAX_PIXELS,
                          persistent_weight_casts=True, fused_optimizer=True, keep_freed_memory=True)
     onednn = autocast is None and onednn_beats_blas(fp32_gflops, onednn_fp32_gflops)
-    return FastPaths(attention="sdpa", autocast=autocast, onednn_linear=onednn,
+    return FastPaths(attention="onednn" if onednn else "sdpa", autocast=autocast, onednn_linear=onednn,
                      conv_gemm_max_pixels=CPU_FP32_ONEDNN_CONV_GEMM_MAX_PIXELS if onednn else CPU_FP32_CONV_GEMM_MAX_PIXELS,
                      conv_winograd_min_pixels=CPU_FP32_CONV_WINOGRAD_MIN_PIXELS,
                      conv_winograd4_min_pixels=CPU_FP32_CONV_WINOGRAD4_MIN_PIXELS if autocast is None else 0,

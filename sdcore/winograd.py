@@ -22,7 +22,9 @@ once to the low dtype: F(2x2, 3x3) then errs 1.5-1.9x the bf16 convolution, F(4x
 ``conv2d_winograd`` takes stride 1, padding 1, no dilation or groups, and map sides that are
 multiples of m. The transforms of the input, filters and output are applied from their matrices
 as additions on strided NHWC views (the filters' as one small matrix product), each with its
-adjoint, so the backward is the same additions and 2 x (m + 2)^2 products.
+adjoint, so the backward is the same additions and 2 x (m + 2)^2 products. Where the weights do
+not change between calls (sampling: every guided DDIM step runs the same UNet), a
+``FilterTileCache`` per layer keeps its transformed filters instead of making them on every call.
 """
 
 import functools
@@ -122,6 +124,34 @@ def _filter_tiles(weight: torch.Tensor, tiles: WinogradTiles, dtype: torch.dtype
     return torch.mm(_filter_matrix(tiles, tdtype), taps.t()).to(dtype).view(tiles.side ** 2, o, c)
 
 
+class FilterTileCache:
+    """One layer's transformed filters, kept while its weight stays the same.
+
+    Why: at the batch of a guided evaluation step (2) the filter transform writes as many bytes as
+    the products read (36 fp32 values per filter for F(4x4, 3x3)), and sampling calls each layer
+    thousands of times with one weight. The key is the weight tensor itself, its storage and its
+    version counter, which every in-place write (an optimizer step, ``load_state_dict``) advances,
+    so a changed weight is transformed again. It holds one tile size and dtype at a time.
+    """
+
+    def __init__(self):
+        self._key: tuple | None = None
+        self._filters: torch.Tensor | None = None
+
+    def filters(self, weight: torch.Tensor, tiles: WinogradTiles, dtype: torch.dtype) -> torch.Tensor:
+        """``_filter_tiles(weight, tiles, dtype)``, made again only when the weight, tile or dtype changed."""
+        state = (weight.data_ptr(), weight._version, tiles.m, dtype)
+        if self._key is None or self._key[0] is not weight or self._key[1:] != state:
+            self._filters = None  # the old tiles freed before the new ones are made
+            self._filters = _filter_tiles(weight.detach(), tiles, dtype)
+            self._key = (weight, *state)
+        return self._filters
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self._filters is None else self._filters.nbytes
+
+
 def _filter_tiles_adjoint(grad_tiles: list[torch.Tensor], tiles: WinogradTiles, dtype: torch.dtype) -> torch.Tensor:
     """The adjoint of ``_filter_tiles``: the filter-tile gradients (each O, C; tile a, b at
     a * side + b) -> (O, C, 3, 3) in ``dtype``. Two passes of G^T (fewer bytes than one of G^T (x) G^T)."""
@@ -201,10 +231,10 @@ class _WinogradConv(torch.autograd.Function):
     memory format. The backward is the adjoint transforms around the products of each gradient."""
 
     @staticmethod
-    def forward(ctx, x, weight, dtype, onednn, tiles):
+    def forward(ctx, x, weight, dtype, onednn, tiles, filters):
         n, c, h, w = x.shape
         o, m = weight.shape[0], tiles.m
-        filters = _filter_tiles(weight, tiles, dtype)
+        filters = _filter_tiles(weight, tiles, dtype) if filters is None else filters
         ctx.x_dtype, ctx.weight_dtype, ctx.onednn, ctx.tiles = x.dtype, weight.dtype, onednn, tiles
         ctx.layout = (torch.channels_last if x.is_contiguous(memory_format=torch.channels_last)
                       and not x.is_contiguous() else torch.contiguous_format)
@@ -233,18 +263,22 @@ class _WinogradConv(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_filters = _products(grad_products.transpose(1, 2), rows.transpose(1, 2), ctx.onednn)
             grad_weight = _filter_tiles_adjoint(grad_filters, tiles, ctx.weight_dtype)
-        return grad_x, grad_weight, None, None, None
+        return grad_x, grad_weight, None, None, None, None
 
 
 def conv2d_winograd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                    onednn: bool = False, m: int = 2) -> torch.Tensor:
+                    onednn: bool = False, m: int = 2, filter_cache: FilterTileCache | None = None) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, padding=1)`` for a 3x3 ``weight`` and map sides that are
     multiples of ``m``, as Winograd F(m x m, 3x3) (``m`` 2 or 4). The result has the input's memory
     format. Under autocast the products run in the autocast dtype; with ``onednn``, an fp32 call
-    runs them on oneDNN's GEMM."""
+    runs them on oneDNN's GEMM. ``filter_cache`` serves the transformed filters of a call that
+    needs no weight gradient."""
     device_type = x.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-    out = _WinogradConv.apply(x, weight, dtype, onednn and onednn_applies(x, weight), TILES[m])
+    tiles = TILES[m]
+    frozen = not (torch.is_grad_enabled() and weight.requires_grad)
+    filters = filter_cache.filters(weight, tiles, dtype) if filter_cache is not None and frozen else None
+    out = _WinogradConv.apply(x, weight, dtype, onednn and onednn_applies(x, weight), tiles, filters)
     return out if bias is None else out + bias.to(out.dtype).view(1, -1, 1, 1)
 
 

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from prep_helpers import TINY_CLIP_ARCH, golden_unet_state, tiny_clip_weights, tiny_model_params, tiny_sd_checkpoint
+import sdcore.attention
 import sdcore.conv
 import sdcore.evaluate
 from sdcore.attention import CrossAttention, set_attention_backend
@@ -36,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "workflow_scripts"))
 from demo_mirror import inception_state  # noqa: E402
 from test_linear import _AtenOps  # noqa: E402
+from test_winograd import counting_filter_transforms  # noqa: E402
 
 IMAGE_ATOL = 1e-4
 FEATURE_RTOL = 1e-5
@@ -85,10 +87,14 @@ def unet() -> UNetModel:
 
 
 @pytest.mark.slow
-def test_sdpa_sampling_gives_the_images_of_math_attention_and_restores_the_unet(inputs):
+@pytest.mark.parametrize("backend", ["sdpa", "onednn"])
+def test_fast_attention_sampling_gives_the_images_of_math_attention_and_restores_the_unet(inputs, monkeypatch,
+                                                                                          backend):
+    """sdpa, and onednn with its query threshold lowered to the tiny UNet's 64 latent tokens."""
+    monkeypatch.setattr(sdcore.attention, "ONEDNN_ATTENTION_MIN_QUERIES", 1)
     faithful = ImageGenerator(config()["model"]["params"], inputs.sd_checkpoint, "cpu", ddim_steps=DDIM_STEPS)
     fast = ImageGenerator(config()["model"]["params"], inputs.sd_checkpoint, "cpu", ddim_steps=DDIM_STEPS,
-                          fast_paths={"attention": "sdpa"})
+                          fast_paths={"attention": backend})
     model = unet()
     x_T = initial_latents(range(len(PROMPTS)), faithful.latent_shape, 0)
     reference = faithful.generate(model, PROMPTS, x_T)
@@ -134,13 +140,17 @@ def test_winograd_sampling_gives_the_images_of_the_native_kernels(inputs, monkey
     model = unet()
     x_T = initial_latents(range(len(PROMPTS)), native.latent_shape, 0)
     reference = native.generate(model, PROMPTS, x_T)
-    calls = []
+    calls, made = [], counting_filter_transforms(monkeypatch)
     monkeypatch.setattr(sdcore.conv, "conv2d_winograd",
-                        lambda x, *args: calls.append((tuple(x.shape[-2:]), args[-1])) or conv2d_winograd(x, *args))
+                        lambda x, weight, *args: calls.append((tuple(x.shape[-2:]), weight, args[2]))
+                        or conv2d_winograd(x, weight, *args))
     images = winograd.generate(model, PROMPTS, x_T)
     assert (images - reference).abs().max().item() <= IMAGE_ATOL
-    assert set(calls) == {((8, 8), m)} and len(calls) >= 2 * DDIM_STEPS  # every guided step, the 8x8 level only
+    assert {(side, m) for side, _, m in calls} == {((8, 8), m)}  # the 8x8 level only
+    assert len(calls) >= 2 * DDIM_STEPS  # every guided step
+    assert len(made) == len({id(weight) for _, weight, _ in calls})  # each layer's filters transformed once
     assert kernel_settings(model) == ({"math"}, {False}, {(0, 0, 0, False)})
+    assert all(conv.winograd_filters is None for conv in model.modules() if isinstance(conv, Conv2d))  # dropped
 
 
 def test_sampling_kernels_set_what_is_given_and_restore_each_module():
@@ -222,6 +232,7 @@ def test_eval_fast_paths_config():
             EvalFastPaths.from_config({key: -1})
     assert EvalFastPaths.from_config({"compile": True}).compile
     assert EvalFastPaths.from_config({"attention": "sdpa"}).attention == "sdpa"
+    assert EvalFastPaths.from_config({"attention": "onednn"}).attention == "onednn"
     with pytest.raises(ValueError, match="attention"):
         EvalFastPaths.from_config({"attention": "flash"})
     with pytest.raises(ValueError, match="unknown key"):

@@ -19,7 +19,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sdcore.attention import CPU_LOW_PRECISION_FUSED_BACKWARD_MIN_QUERIES, CrossAttention
+import sdcore.attention
+from sdcore.attention import CPU_LOW_PRECISION_FUSED_BACKWARD_MIN_QUERIES, ONEDNN_ATTENTION_MIN_QUERIES, CrossAttention
 from sdcore.precision import FastPaths, PersistentWeightCasts
 from sdcore.unet import UNetModel
 
@@ -334,6 +335,78 @@ def test_sdpa_attention_trained_in_bf16_on_a_cpu(queries):
         assert not torch.equal(results["sdpa"][1], results["math"][1])
 
 
+def attention_pair(context_dim=None):
+    torch.manual_seed(0)
+    modules = {backend: CrossAttention(64, context_dim, heads=4, dim_head=16, attention_backend=backend)
+               for backend in ("math", "onednn")}
+    modules["onednn"].load_state_dict(modules["math"].state_dict())
+    return modules
+
+
+def counting_onednn_products(monkeypatch) -> list:
+    shapes = []
+    gemm = sdcore.attention.onednn_gemm
+    monkeypatch.setattr(sdcore.attention, "onednn_gemm",
+                        lambda a, b: shapes.append((tuple(a.shape), tuple(b.shape))) or gemm(a, b))
+    return shapes
+
+
+@pytest.mark.parametrize("keys", [None, 77], ids=["self", "cross"])
+def test_onednn_attention_is_the_math_kernel_in_fp32(monkeypatch, keys):
+    """From ONEDNN_ATTENTION_MIN_QUERIES queries: the math kernel's output and every gradient, both
+    heads of both samples through oneDNN's GEMM (2 products a head forward, 4 backward; whole heads,
+    the query blocks are for calls without a backward)."""
+    shapes = counting_onednn_products(monkeypatch)
+    monkeypatch.setattr(sdcore.attention, "ONEDNN_ATTENTION_QUERY_BLOCK", 384)
+    modules = attention_pair(None if keys is None else 32)
+    x = torch.randn(2, ONEDNN_ATTENTION_MIN_QUERIES, 64, requires_grad=True)
+    context = None if keys is None else torch.randn(2, keys, 32, requires_grad=True)
+    results = {}
+    for backend, module in modules.items():
+        out = module(x, context)
+        inputs = [x] + ([] if context is None else [context]) + list(module.parameters())
+        results[backend] = [out, *torch.autograd.grad(out.square().sum(), inputs)]
+    assert len(shapes) == 2 * 4 * (2 + 4)
+    assert (ONEDNN_ATTENTION_MIN_QUERIES, keys or ONEDNN_ATTENTION_MIN_QUERIES) in {a for a, _ in shapes}  # probabilities
+    for got, want in zip(results["onednn"], results["math"]):
+        torch.testing.assert_close(got, want, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
+
+
+def test_onednn_attention_without_a_backward_runs_in_query_blocks(monkeypatch):
+    shapes = counting_onednn_products(monkeypatch)
+    monkeypatch.setattr(sdcore.attention, "ONEDNN_ATTENTION_QUERY_BLOCK", 384)  # blocks 384, 384, 256
+    modules = attention_pair()
+    x = torch.randn(1, ONEDNN_ATTENTION_MIN_QUERIES, 64)
+    with torch.no_grad():
+        want, got = modules["math"](x), modules["onednn"](x)
+    torch.testing.assert_close(got, want, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
+    assert [a[0] for a, _ in shapes[::2]] == [384, 384, 256] * 4  # the score blocks of each head
+
+
+def test_onednn_attention_falls_back_to_sdpa(monkeypatch):
+    """Shorter sequences, bf16 autocast: the fused kernel's results bitwise, no oneDNN product."""
+    shapes = counting_onednn_products(monkeypatch)
+    modules = attention_pair()
+    sdpa = CrossAttention(64, heads=4, dim_head=16, attention_backend="sdpa")
+    sdpa.load_state_dict(modules["math"].state_dict())
+    short = torch.randn(2, ONEDNN_ATTENTION_MIN_QUERIES // 2, 64)
+    assert modules["onednn"](short).equal(sdpa(short))
+    long = torch.randn(1, ONEDNN_ATTENTION_MIN_QUERIES, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert modules["onednn"](long).equal(sdpa(long))
+    assert shapes == []
+
+
+def test_onednn_attention_in_the_golden_unet_matches_eager(golden, eager_fp32, monkeypatch):
+    """Every attention of the golden UNet (16 to 64 tokens) on oneDNN's GEMM, with the threshold lowered."""
+    monkeypatch.setattr(sdcore.attention, "ONEDNN_ATTENTION_MIN_QUERIES", 1)
+    shapes = counting_onednn_products(monkeypatch)
+    paths = FastPaths(attention="onednn", onednn_linear=True, conv_winograd_min_pixels=16)
+    out, grad = forward_backward(golden_unet(golden), golden_inputs(golden), paths)
+    assert shapes
+    assert_close_to_eager(eager_fp32, out, grad, out_atol=1e-5, grad_rel=1e-5)
+
+
 # ---- memory formats and the recommended fast paths ------------------------------------------------
 
 def _layouts_of_convolution_inputs(model, inputs):
@@ -405,7 +478,7 @@ def test_recommendations_follow_the_measured_peaks():
     # where MKL's sgemm takes its AVX2 path (AMD EPYC with AVX-512, measured 175 against oneDNN's 321)
     epyc = dict(fp32_gflops=175.0, bf16_gflops=798.0, onednn_fp32_gflops=321.0)
     assert recommend_fast_paths("fp32", "cpu", **epyc) == FastPaths(  # with oneDNN's GEMM, 8x8 maps as GEMMs too
-        attention="sdpa", conv_gemm_max_pixels=CPU_FP32_ONEDNN_CONV_GEMM_MAX_PIXELS, conv_winograd_min_pixels=winograd,
+        attention="onednn", conv_gemm_max_pixels=CPU_FP32_ONEDNN_CONV_GEMM_MAX_PIXELS, conv_winograd_min_pixels=winograd,
         conv_winograd4_min_pixels=winograd4, onednn_linear=True, fused_optimizer=True, keep_freed_memory=True)
     assert not recommend_fast_paths("bf16", "cpu", **epyc).onednn_linear  # inert under autocast: not set
     assert not recommend_fast_paths("fp32", "cpu", fp32_gflops=175.0, bf16_gflops=1.0,

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 import sdcore.conv
 from sdcore.conv import Conv2d, set_conv_gemm
 from sdcore.precision import FastPaths
-from sdcore.winograd import conv2d_winograd
+import sdcore.winograd
+from sdcore.winograd import FilterTileCache, conv2d_winograd
 from test_linear import _AtenOps
 
 
@@ -123,8 +124,8 @@ def test_threshold_and_eligibility(monkeypatch):
 def test_the_larger_tile_goes_first_where_it_applies(monkeypatch):
     tiles = []
     monkeypatch.setattr(sdcore.conv, "conv2d_winograd",
-                        lambda x, weight, bias, onednn, m: tiles.append((tuple(x.shape[-2:]), m)) or conv2d_winograd(
-                            x, weight, bias, onednn, m))
+                        lambda x, weight, bias, onednn, m, cache: tiles.append((tuple(x.shape[-2:]), m))
+                        or conv2d_winograd(x, weight, bias, onednn, m, cache))
     conv = Conv2d(4, 4, 3, padding=1)
     set_conv_gemm(conv, 0, winograd_min_pixels=16, winograd4_min_pixels=64)
     for side in (8, 6, 4, 2):
@@ -151,3 +152,49 @@ def test_winograd_module_matches_native_in_fp32(paths):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
+def counting_filter_transforms(monkeypatch) -> list:
+    made = []
+    transform = sdcore.winograd._filter_tiles
+    monkeypatch.setattr(sdcore.winograd, "_filter_tiles",
+                        lambda weight, tiles, dtype: made.append((tiles.m, dtype)) or transform(weight, tiles, dtype))
+    return made
+
+
+def test_the_filter_cache_transforms_a_weight_again_only_when_it_changed(monkeypatch):
+    made = counting_filter_transforms(monkeypatch)
+    torch.manual_seed(0)
+    conv = Conv2d(6, 5, 3, padding=1)
+    set_conv_gemm(conv, 0, winograd4_min_pixels=64)
+    conv.winograd_filters = FilterTileCache()
+    x = torch.randn(2, 6, 8, 8)
+
+    def check():
+        torch.testing.assert_close(out, native(x, conv.weight, conv.bias), atol=2e-5, rtol=1e-5)
+
+    with torch.no_grad():
+        first = conv(x)
+        out = conv(x)
+        assert made == [(4, torch.float32)] and out.equal(first)  # the second call reuses the tiles
+        assert conv.winograd_filters.nbytes == 36 * 5 * 6 * 4
+        conv.weight.mul_(-0.5)                   # an in-place write: the version counter moves
+        out = conv(x)
+        check()
+        conv.weight.data = torch.randn(5, 6, 3, 3) / 8  # new storage, same version
+        out = conv(x)
+        check()
+        with torch.autocast("cpu", torch.bfloat16):
+            conv(x)                              # another dtype: transformed again
+        set_conv_gemm(conv, 0, winograd_min_pixels=64)
+        out = conv(x)                            # another tile size
+        check()
+    assert made == [(4, torch.float32)] * 3 + [(4, torch.bfloat16), (2, torch.float32)]
+    x.requires_grad_()
+    out = conv(x)                                # a weight gradient is wanted: no cache
+    out.sum().backward()
+    check()
+    assert len(made) == 6 and conv.weight.grad is not None
+    conv.weight.requires_grad_(False)
+    conv(x).sum().backward()                     # a frozen weight: the cache serves, the input gets its gradient
+    assert len(made) == 6 and x.grad is not None
