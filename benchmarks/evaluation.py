@@ -66,6 +66,8 @@ GOAL_VS_DIFFUSERS = 1.3
 GOAL_OTHER_STAGE_SHARE = 0.15
 FULL_DDIM_STEPS = 50
 AGREEMENT_ATOL = 1e-3
+# The linear layers and the 8x8-map convolutions on oneDNN's GEMM.
+GEMM_FP32_KERNELS = {"onednn_linear": True, "conv_gemm_max_pixels": 64}
 # On top of the GEMM kernels: attention's products and Winograd convolutions of the 16x16 and larger
 # maps on oneDNN's GEMM too (fp32), each layer's filter tiles kept over the sampling.
 FASTEST_FP32_KERNELS = {"attention": "onednn", "conv_winograd_min_pixels": 256, "conv_winograd4_min_pixels": 1024}
@@ -289,7 +291,7 @@ def compare_with_diffusers(config: dict, inputs: EvalInputs, state: dict, unet, 
     difference = (sdcore_compiled() - eager_sdpa).abs().max().item()
     print(f"  eval.fast_paths.compile: compiled and ran once in {time.perf_counter() - start:.0f} s (not timed "
           f"below); images within {difference:.1e} of eager sdpa")
-    gemm_kernels = {"attention": "sdpa", "onednn_linear": True, "conv_gemm_max_pixels": 64}
+    gemm_kernels = {"attention": "sdpa", **GEMM_FP32_KERNELS}
     difference = (sdcore_with(**gemm_kernels) - eager_sdpa).abs().max().item()
     print(f"  eval.fast_paths {{onednn_linear: true, conv_gemm_max_pixels: 64}}: images within {difference:.1e} "
           f"of eager sdpa")
@@ -397,9 +399,8 @@ def main() -> None:
                             {"attention": "sdpa", "fast_inception": True},
                         "eval.fast_paths {attention: sdpa, onednn_linear: true, conv_gemm_max_pixels: 64, "
                         "fast_inception: true}":
-                            {"attention": "sdpa", "onednn_linear": True, "conv_gemm_max_pixels": 64,
-                             "fast_inception": True}}
-            fastest = {"onednn_linear": True, "conv_gemm_max_pixels": 64, **FASTEST_FP32_KERNELS, "fast_inception": True}
+                            {"attention": "sdpa", **GEMM_FP32_KERNELS, "fast_inception": True}}
+            fastest = {**GEMM_FP32_KERNELS, **FASTEST_FP32_KERNELS, "fast_inception": True}
             if config["eval"]["precision"] == "fp32":  # oneDNN's products take fp32 calls only
                 variants[f"eval.fast_paths {paths_text(fastest)}"] = fastest
             best = {name: (float("inf"), None) for name in variants}

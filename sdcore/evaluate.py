@@ -237,7 +237,7 @@ class EvalFastPaths:
 # What sampling_kernels sets on each kind of module, and restores.
 _KERNEL_SETTINGS = ((CrossAttention, ("attention_backend",)), (Linear, ("onednn",)),
                     (Conv2d, ("gemm_max_pixels", "winograd_min_pixels", "winograd4_min_pixels", "gemm_onednn",
-              "winograd_filters")))
+                              "winograd_filters")))
 
 
 @contextlib.contextmanager

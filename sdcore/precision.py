@@ -307,9 +307,9 @@ def recommend_fast_paths(precision: str = "fp32", device: str | torch.device = "
     """The fast paths to train the UNet with at ``precision`` on ``device``, chosen from what this
     machine is (measured, or the given matmul peaks): each switch is one that was faster there.
 
-    * every device: sdpa attention (fused; the reference's math attention materialises the scores),
-      except as below
-      and the fused AdamW kernel (one pass over the parameters instead of a dozen);
+    * every device: the fused AdamW kernel (one pass over the parameters instead of a dozen) and
+      sdpa attention (fused; the reference's math attention materialises the scores) unless
+      ``attention: onednn`` below;
     * CPU: ``keep_freed_memory`` (no page faults for the memory every step frees and takes again);
     * CUDA: channels-last (cuDNN's NHWC kernels), no GEMM convolutions (cuDNN picks its own);
     * CPU, fp32: convolutions on maps of at most ``CPU_FP32_CONV_GEMM_MAX_PIXELS`` pixels as GEMMs
