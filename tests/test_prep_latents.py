@@ -143,8 +143,30 @@ def test_checkpoint_without_the_vae_names_it_and_the_missing_tensors(tmp_path, m
     assert not (out / "manifest.json").exists() and not (out / "00000.tar").exists()
 
 
-def test_iter_tar_samples_groups_by_key(tmp_path):
-    write_shard(tmp_path / "s.tar", [("a/001", {"jpg": b"1", "json": b"2"}), ("a/002", {"txt": b"3"})])
+def test_iter_tar_samples_groups_by_key_in_key_order(tmp_path):
+    write_shard(tmp_path / "s.tar", [("a/002", {"txt": b"3"}), ("a/001", {"jpg": b"1"}), ("a/003", {"txt": b"4"}),
+                                     ("a/001", {"json": b"2"})])
     samples = list(iter_tar_samples(tmp_path / "s.tar"))
-    assert [(s["__key__"], sorted(k for k in s if not k.startswith("__"))) for s in samples] == [
-        ("a/001", ["jpg", "json"]), ("a/002", ["txt"])]
+    assert [(s["__key__"], {k: v for k, v in s.items() if not k.startswith("__")}) for s in samples] == [
+        ("a/001", {"jpg": b"1", "json": b"2"}), ("a/002", {"txt": b"3"}), ("a/003", {"txt": b"4"})]
+
+
+def test_latent_shard_does_not_depend_on_the_fetch_order(tmp_path, model, shards):
+    """img2dataset stores samples as their downloads finish: the same rows fetched twice, in another
+    order, must give the same latent shard, or a seed's training stream would change with the fetch."""
+    _, ckpt, _, params = model
+    src, samples = shards
+    reordered = tmp_path / "reordered"
+    reordered.mkdir()
+    keys = ["000000003", "000000000", "000000099", "000000004", "000000001", "000000002"]
+    write_shard(reordered / "00000.tar", [(key, samples[key]) for key in keys])
+    (reordered / "manifest.json").write_text(json.dumps({"shards": ["00000.tar"]}))
+    names = []
+    for images in (src, reordered):
+        out = tmp_path / f"latents_{images.name}"
+        encode_manifest(images / "manifest.json", out, out / "manifest.json", ckpt, params,
+                        image_size=IMAGE_SIZE, batch_size=4, device="cpu")
+        with tarfile.open(out / "00000.tar") as tar:
+            names.append([(m.name, tar.extractfile(m).read()) for m in tar.getmembers()])
+    assert [name for name, _ in names[0]][:3] == ["000000000.npy", "000000000.txt", "000000000.json"]
+    assert names[0] == names[1]

@@ -45,28 +45,28 @@ def reference_transform(image_size, antialias=False):
 
 
 def iter_tar_samples(path):
-    """Yield webdataset samples {"__key__": key, ext: bytes, ...} from a tar, in file order.
+    """Yield webdataset samples {"__key__": key, ext: bytes, ...} from a tar, in key order.
 
-    A corrupt or truncated tar raises PrepError naming the shard.
+    img2dataset writes a shard's samples as their downloads finish, so two fetches of the same rows
+    order them differently; in key order (the parquet rows' order) the latent shard, and so the
+    training stream of a seed, is the same after every fetch. A corrupt or truncated tar raises
+    PrepError naming the shard.
     """
-    sample = None
     try:
-        with tarfile.open(path, "r|*") as tar:
-            for member in tar:
+        with tarfile.open(path) as tar:
+            members = {}
+            for member in tar.getmembers():  # headers only: a seek per member
                 match = _MEMBER_NAME.match(member.name)
-                if not member.isfile() or match is None:
-                    continue
-                key, ext = match.groups()
-                if sample is not None and sample["__key__"] != key:
-                    yield sample
-                    sample = None
-                if sample is None:
-                    sample = {"__key__": key, "__mtime__": member.mtime}
-                sample[ext] = tar.extractfile(member).read()
+                if member.isfile() and match is not None:
+                    key, ext = match.groups()
+                    members.setdefault(key, {})[ext] = member
+            for key in sorted(members):
+                sample = {"__key__": key, "__mtime__": min(m.mtime for m in members[key].values())}
+                for ext, member in members[key].items():
+                    sample[ext] = tar.extractfile(member).read()
+                yield sample
     except (tarfile.TarError, EOFError, OSError) as err:
         raise PrepError(f"{path}: corrupt or truncated tar: {err}") from err
-    if sample is not None:
-        yield sample
 
 
 def _add_member(tar, name, data, mtime):
