@@ -3,10 +3,23 @@
 
 Every scene of the demo mirror is one to three flat-coloured shapes on a flat background. This
 samples the prompts of the demo config's ``sample.prompts`` with ``python -m sdcore.sample`` (the
-sampling command, for real) from the run's last checkpoint and measures each image: the colour
-spread of its 3-pixel border (the background: flat in a scene, mottled in noise) and the share of
-its pixels that differ from the background colour by more than 0.25 in some channel (the shapes).
-It fails unless every border is flat and the shapes cover a few per cent of the images on average.
+sampling command, for real) from the run's last checkpoint and measures each image:
+- the spread of its 3-pixel border: the median absolute deviation from the border's median colour
+  (x 1.4826, a standard deviation for normal noise), so that a shape reaching the border ("an
+  orange square at the top") does not count. It rejects high-contrast noise;
+- the share of its pixels that differ from that colour by more than 0.25 in some channel (the
+  shapes). It rejects an untrained model's faint mottle, and, from above, noise.
+It fails unless every border is flat and the shapes cover a few per cent of the images on average
+but not most of them. Measured over sampling seeds 0-7 (``--seed``) on the demo's run (AMD EPYC
+model 2, 2026-12-07; on one machine the run is the same every time). The border's standard deviation, used
+before, reached 0.091 at the last checkpoint where a shape touched the border:
+
+    | sampled from                    | border spread (MAD) | mean shape share |
+    | ------------------------------- | ------------------- | ---------------- |
+    | last checkpoint                 | 0.013-0.081         | 18-24 %          |
+    | half-way checkpoint             | 0.006-0.060         | 0.1-2.7 %        |
+    | randomly initialised UNet       | 0.033-0.052         | 0 %              |
+    | uniform noise (not sampled)     | 0.37                | 88 %             |
 
     python .ci/check_samples.py demo/results/demo demo/checkpoints/sd/512-base-ema.ckpt
 """
@@ -20,16 +33,18 @@ import numpy as np
 import yaml
 from PIL import Image
 
-MAX_BORDER_STD = 0.10      # measured 0.017-0.074 at the demo's last checkpoint (Xeon model 167, 2026-12-02)
-MIN_SHAPE_SHARE = 0.08     # measured 0.17-0.19 there (two runs); 0.03 at the half-way checkpoint (flat, no shapes yet)
+MAX_BORDER_SPREAD = 0.15   # see the table above
+MIN_SHAPE_SHARE = 0.08
+MAX_SHAPE_SHARE = 0.50
 
 
 def measure(path: Path) -> tuple[float, float]:
     image = np.asarray(Image.open(path).convert("RGB"), dtype=np.float64) / 255
     ring = np.concatenate([image[:3].reshape(-1, 3), image[-3:].reshape(-1, 3),
                            image[:, :3].reshape(-1, 3), image[:, -3:].reshape(-1, 3)])
-    shapes = np.abs(image - ring.mean(0)).max(-1) > 0.25
-    return float(ring.std(0).mean()), float(shapes.mean())
+    background = np.median(ring, 0)
+    shapes = np.abs(image - background).max(-1) > 0.25
+    return float(1.4826 * np.median(np.abs(ring - background), 0).mean()), float(shapes.mean())
 
 
 def main(run_dir: str, sd_checkpoint: str) -> int:
@@ -45,9 +60,10 @@ def main(run_dir: str, sd_checkpoint: str) -> int:
         print(f"{last.name}: {prompt!r}: border spread {border:.3f}, shapes {share:.1%}")
     worst_border = max(b for b, _ in measured)
     mean_share = sum(s for _, s in measured) / len(measured)
-    ok = len(measured) == len(prompts) and worst_border <= MAX_BORDER_STD and mean_share >= MIN_SHAPE_SHARE
-    print(f"{'scenes' if ok else 'NOT scenes'}: worst border spread {worst_border:.3f} (<= {MAX_BORDER_STD}), "
-          f"mean shape share {mean_share:.1%} (>= {MIN_SHAPE_SHARE:.0%})")
+    ok = (len(measured) == len(prompts) and worst_border <= MAX_BORDER_SPREAD
+          and MIN_SHAPE_SHARE <= mean_share <= MAX_SHAPE_SHARE)
+    print(f"{'scenes' if ok else 'NOT scenes'}: worst border spread {worst_border:.3f} (<= {MAX_BORDER_SPREAD}), "
+          f"mean shape share {mean_share:.1%} ({MIN_SHAPE_SHARE:.0%}-{MAX_SHAPE_SHARE:.0%})")
     return 0 if ok else 1
 
 
