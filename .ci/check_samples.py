@@ -11,8 +11,8 @@ sampling command, for real) from the run's last checkpoint and measures each ima
   shapes). It rejects an untrained model's faint mottle, and, from above, noise.
 It fails unless every border is flat and the shapes cover a few per cent of the images on average
 but not most of them. Measured over sampling seeds 0-7 (``--seed``) on the demo's run (AMD EPYC
-model 2, 2026-12-07; on one machine the run is the same every time). The border's standard deviation, used
-before, reached 0.091 at the last checkpoint where a shape touched the border:
+model 2, 2026-12-07; on one machine the run is the same every time). The border's standard
+deviation, used before, reached 0.091 at the last checkpoint where a shape touched the border:
 
     | sampled from                    | border spread (MAD) | mean shape share |
     | ------------------------------- | ------------------- | ---------------- |

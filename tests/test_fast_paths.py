@@ -397,6 +397,24 @@ def test_onednn_attention_falls_back_to_sdpa(monkeypatch):
     assert shapes == []
 
 
+@pytest.mark.compile
+def test_compiled_onednn_attention_is_one_graph_on_the_fused_kernel(monkeypatch):
+    """Under torch.compile ``attention: onednn`` takes the fused kernel: the module compiles to one
+    graph (fullgraph: no break at the per-head loops or the autograd Function), no oneDNN product
+    runs, and output and gradients are the math kernel's."""
+    shapes = counting_onednn_products(monkeypatch)
+    modules = attention_pair()
+    compiled = torch.compile(modules["onednn"], fullgraph=True)
+    x = torch.randn(1, ONEDNN_ATTENTION_MIN_QUERIES, 64, requires_grad=True)
+    results = {}
+    for backend, module in (("math", modules["math"]), ("onednn", compiled)):
+        out = module(x)
+        results[backend] = [out, *torch.autograd.grad(out.square().sum(), [x, *modules[backend].parameters()])]
+    assert shapes == []
+    for got, want in zip(results["onednn"], results["math"]):
+        torch.testing.assert_close(got, want, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
+
+
 def test_onednn_attention_in_the_golden_unet_matches_eager(golden, eager_fp32, monkeypatch):
     """Every attention of the golden UNet (16 to 64 tokens) on oneDNN's GEMM, with the threshold lowered."""
     monkeypatch.setattr(sdcore.attention, "ONEDNN_ATTENTION_MIN_QUERIES", 1)
