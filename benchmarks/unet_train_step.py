@@ -8,7 +8,8 @@ by default, for these contenders:
   * sdcore fp32 with sdpa attention;
   * sdcore fp32 with the fast paths that ``sdcore.precision.recommend_fast_paths`` picks for this
     CPU (its choice is printed), and the same with native convolutions where it picks Winograd ones
-    (``conv_winograd_min_pixels``, ``conv_winograd4_min_pixels``), and the same with F(2x2, 3x3)
+    (``conv_winograd_min_pixels``, ``conv_winograd4_min_pixels``), the same with the Winograd
+    thresholds it picks for the other kernel capability (AVX2 / AVX-512), and the same with F(2x2, 3x3)
     where it picks F(4x4, 3x3), so those choices are measured too. The Winograd products do 2.25x
     (F(2x2, 3x3)) or 4x (F(4x4, 3x3)) fewer FLOPs than the convolutions they replace; the FLOPs per
     sample are the convolutions', so a Winograd path's "% of peak" is an effective rate and can pass what its kernels run at;
@@ -307,6 +308,16 @@ def main() -> None:
     if recommended.conv_winograd4_min_pixels:  # the F(4x4, 3x3) choice measured: F(2x2, 3x3) there instead
         contenders.append(Contender("sdcore fp32 recommended, Winograd F(2x2, 3x3) only", "sdcore",
                                     dataclasses.replace(recommended, conv_winograd4_min_pixels=0), sdcore))
+    # the capability's Winograd thresholds measured: the other capability's instead
+    other_capability = "AVX512" if torch.backends.cpu.get_cpu_capability() == "AVX2" else "AVX2"
+    other = recommend_fast_paths("fp32", fp32_gflops=machine.fp32_gflops, bf16_gflops=machine.bf16_gflops,
+                                 onednn_fp32_gflops=machine.onednn_fp32_gflops, capability=other_capability)
+    if (other.conv_winograd_min_pixels, other.conv_winograd4_min_pixels) != (
+            recommended.conv_winograd_min_pixels, recommended.conv_winograd4_min_pixels):
+        contenders.append(Contender(
+            f"sdcore fp32 recommended, {other_capability}'s Winograd maps ({describe(other)})", "sdcore",
+            dataclasses.replace(recommended, conv_winograd_min_pixels=other.conv_winograd_min_pixels,
+                                conv_winograd4_min_pixels=other.conv_winograd4_min_pixels), sdcore))
     if recommended.conv_winograd_min_pixels or recommended.conv_winograd4_min_pixels:
         # the Winograd choice measured: the same path on native convolutions
         contenders.append(Contender("sdcore fp32 recommended, native convolutions on the large maps", "sdcore",

@@ -288,6 +288,10 @@ CPU_FP32_ONEDNN_CONV_GEMM_MAX_PIXELS = 64  # fp32 where the GEMM is oneDNN's (on
 CPU_LOW_PRECISION_CONV_GEMM_MAX_PIXELS = 64  # bf16/fp16 autocast on a CPU with fast bf16 (AMX, Zen AVX-512 BF16)
 CPU_FP32_CONV_WINOGRAD_MIN_PIXELS = 256  # fp32 on a CPU: 16x16 and larger maps as Winograd (8x8: the filter transform costs more)
 CPU_FP32_CONV_WINOGRAD4_MIN_PIXELS = 1024  # and 32x32 and larger as F(4x4, 3x3) (16x16: F(2x2, 3x3) is faster with AVX-512)
+# With AVX2 kernels (capability AVX2) the products are slower against the transforms: 8x8 maps as F(2x2, 3x3)
+# and 16x16 as F(4x4, 3x3) too (kernels capped at AVX2 on an AMD EPYC: 8.95 s/step against 9.42)
+CPU_AVX2_FP32_CONV_WINOGRAD_MIN_PIXELS = 64
+CPU_AVX2_FP32_CONV_WINOGRAD4_MIN_PIXELS = 256
 FAST_BF16_MARGIN = 1.0                 # bf16 counts as fast where its matmul beats fp32 by this factor
 ONEDNN_LINEAR_MARGIN = 1.2             # fp32 linears go to oneDNN where it beats the BLAS sgemm by this factor
 
@@ -303,7 +307,7 @@ def recommend_precision(fp32_gflops: float | None = None, bf16_gflops: float | N
 
 def recommend_fast_paths(precision: str = "fp32", device: str | torch.device = "cpu",
                          fp32_gflops: float | None = None, bf16_gflops: float | None = None,
-                         onednn_fp32_gflops: float | None = None) -> FastPaths:
+                         onednn_fp32_gflops: float | None = None, capability: str | None = None) -> FastPaths:
     """The fast paths to train the UNet with at ``precision`` on ``device``, chosen from what this
     machine is (measured, or the given matmul peaks): each switch is one that was faster there.
 
@@ -322,7 +326,9 @@ def recommend_fast_paths(precision: str = "fp32", device: str | torch.device = "
       3x3 convolutions of maps of at least ``CPU_FP32_CONV_WINOGRAD_MIN_PIXELS`` as Winograd F(2x2, 3x3)
       (2.25x fewer multiply-adds where the native convolution already runs near the matmul peak),
       of at least ``CPU_FP32_CONV_WINOGRAD4_MIN_PIXELS`` as F(4x4, 3x3) (4x fewer; in fp32 only: its
-      larger transformed values would cost bf16 products several ulps);
+      larger transformed values would cost bf16 products several ulps); both from smaller maps
+      (``CPU_AVX2_FP32_CONV_WINOGRAD*_MIN_PIXELS``) where the kernels' ``capability`` (default:
+      ``torch.backends.cpu.get_cpu_capability()``) is AVX2;
     * CPU, bf16/fp16 autocast where bf16 is fast: GEMM convolutions up to
       ``CPU_LOW_PRECISION_CONV_GEMM_MAX_PIXELS`` pixels and persistent weight casts. Where bf16 is
       not fast, the fp32 choice (autocast stays as asked: precision is the run's decision, and
@@ -336,10 +342,14 @@ def recommend_fast_paths(precision: str = "fp32", device: str | torch.device = "
         return FastPaths(attention="sdpa", autocast=autocast, conv_gemm_max_pixels=CPU_LOW_PRECISION_CONV_GEMM_MAX_PIXELS,
                          persistent_weight_casts=True, fused_optimizer=True, keep_freed_memory=True)
     onednn = autocast is None and onednn_beats_blas(fp32_gflops, onednn_fp32_gflops)
+    capability = torch.backends.cpu.get_cpu_capability() if capability is None else capability
+    avx2 = autocast is None and capability == "AVX2"
     return FastPaths(attention="onednn" if onednn else "sdpa", autocast=autocast, onednn_linear=onednn,
                      conv_gemm_max_pixels=CPU_FP32_ONEDNN_CONV_GEMM_MAX_PIXELS if onednn else CPU_FP32_CONV_GEMM_MAX_PIXELS,
-                     conv_winograd_min_pixels=CPU_FP32_CONV_WINOGRAD_MIN_PIXELS,
-                     conv_winograd4_min_pixels=CPU_FP32_CONV_WINOGRAD4_MIN_PIXELS if autocast is None else 0,
+                     conv_winograd_min_pixels=CPU_AVX2_FP32_CONV_WINOGRAD_MIN_PIXELS if avx2
+                     else CPU_FP32_CONV_WINOGRAD_MIN_PIXELS,
+                     conv_winograd4_min_pixels=0 if autocast is not None
+                     else CPU_AVX2_FP32_CONV_WINOGRAD4_MIN_PIXELS if avx2 else CPU_FP32_CONV_WINOGRAD4_MIN_PIXELS,
                      fused_optimizer=True,
                      keep_freed_memory=True)
 

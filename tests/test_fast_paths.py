@@ -479,7 +479,8 @@ def test_recommended_cpu_fp32_path_matches_eager(golden, eager_fp32):
 
 
 def test_recommendations_follow_the_measured_peaks():
-    from sdcore.precision import (CPU_FP32_CONV_GEMM_MAX_PIXELS, CPU_FP32_CONV_WINOGRAD4_MIN_PIXELS,
+    from sdcore.precision import (CPU_AVX2_FP32_CONV_WINOGRAD4_MIN_PIXELS, CPU_AVX2_FP32_CONV_WINOGRAD_MIN_PIXELS,
+                                  CPU_FP32_CONV_GEMM_MAX_PIXELS, CPU_FP32_CONV_WINOGRAD4_MIN_PIXELS,
                                   CPU_FP32_CONV_WINOGRAD_MIN_PIXELS,
                                   CPU_FP32_ONEDNN_CONV_GEMM_MAX_PIXELS, CPU_LOW_PRECISION_CONV_GEMM_MAX_PIXELS,
                                   recommend_fast_paths, recommend_precision)
@@ -490,12 +491,19 @@ def test_recommendations_follow_the_measured_peaks():
     assert recommend_precision(**amx) == "bf16"
     winograd, winograd4 = CPU_FP32_CONV_WINOGRAD_MIN_PIXELS, CPU_FP32_CONV_WINOGRAD4_MIN_PIXELS
     for peaks in (no_amx, amx, avx2):  # fp32 on any CPU: sdpa + GEMM convolutions on the smallest maps, Winograd on the largest
-        assert recommend_fast_paths("fp32", "cpu", **peaks, onednn_fp32_gflops=peaks["fp32_gflops"]) == FastPaths(
+        assert recommend_fast_paths("fp32", "cpu", **peaks, onednn_fp32_gflops=peaks["fp32_gflops"],
+                                    capability="AVX512") == FastPaths(
             attention="sdpa", conv_gemm_max_pixels=CPU_FP32_CONV_GEMM_MAX_PIXELS, conv_winograd_min_pixels=winograd,
             conv_winograd4_min_pixels=winograd4, fused_optimizer=True, keep_freed_memory=True)
+    # AVX2 kernels: Winograd from smaller maps, F(4x4, 3x3) too; under autocast F(2x2, 3x3) as with AVX-512
+    assert recommend_fast_paths("fp32", "cpu", **avx2, onednn_fp32_gflops=180.0, capability="AVX2") == FastPaths(
+        attention="sdpa", conv_gemm_max_pixels=CPU_FP32_CONV_GEMM_MAX_PIXELS,
+        conv_winograd_min_pixels=CPU_AVX2_FP32_CONV_WINOGRAD_MIN_PIXELS,
+        conv_winograd4_min_pixels=CPU_AVX2_FP32_CONV_WINOGRAD4_MIN_PIXELS, fused_optimizer=True, keep_freed_memory=True)
+    assert recommend_fast_paths("bf16", "cpu", **avx2, capability="AVX2").conv_winograd_min_pixels == winograd
     # where MKL's sgemm takes its AVX2 path (AMD EPYC with AVX-512, measured 175 against oneDNN's 321)
     epyc = dict(fp32_gflops=175.0, bf16_gflops=798.0, onednn_fp32_gflops=321.0)
-    assert recommend_fast_paths("fp32", "cpu", **epyc) == FastPaths(  # with oneDNN's GEMM, 8x8 maps as GEMMs too
+    assert recommend_fast_paths("fp32", "cpu", **epyc, capability="AVX512") == FastPaths(  # with oneDNN's GEMM, 8x8 maps as GEMMs too
         attention="onednn", conv_gemm_max_pixels=CPU_FP32_ONEDNN_CONV_GEMM_MAX_PIXELS, conv_winograd_min_pixels=winograd,
         conv_winograd4_min_pixels=winograd4, onednn_linear=True, fused_optimizer=True, keep_freed_memory=True)
     assert not recommend_fast_paths("bf16", "cpu", **epyc).onednn_linear  # inert under autocast: not set
