@@ -278,8 +278,9 @@ def main() -> None:
     torch.manual_seed(0)
     machine = MachineInfo.measure()
     machine.print()
-    recommended = recommend_fast_paths("fp32", fp32_gflops=machine.fp32_gflops, bf16_gflops=machine.bf16_gflops,
-                                       onednn_fp32_gflops=machine.onednn_fp32_gflops)
+    peaks = dict(fp32_gflops=machine.fp32_gflops, bf16_gflops=machine.bf16_gflops,
+                 onednn_fp32_gflops=machine.onednn_fp32_gflops)
+    recommended = recommend_fast_paths("fp32", **peaks)
     print(f"recommend_fast_paths('fp32') on this CPU: {recommended}")
     if recommended.keep_freed_memory and not args.default_heap and keep_freed_memory():
         print("heap: keep_freed_memory (the recommendation) set for the whole process, so every contender, "
@@ -310,8 +311,7 @@ def main() -> None:
                                     dataclasses.replace(recommended, conv_winograd4_min_pixels=0), sdcore))
     # the capability's Winograd thresholds measured: the other capability's instead
     other_capability = "AVX512" if torch.backends.cpu.get_cpu_capability() == "AVX2" else "AVX2"
-    other = recommend_fast_paths("fp32", fp32_gflops=machine.fp32_gflops, bf16_gflops=machine.bf16_gflops,
-                                 onednn_fp32_gflops=machine.onednn_fp32_gflops, capability=other_capability)
+    other = recommend_fast_paths("fp32", **peaks, capability=other_capability)
     if (other.conv_winograd_min_pixels, other.conv_winograd4_min_pixels) != (
             recommended.conv_winograd_min_pixels, recommended.conv_winograd4_min_pixels):
         contenders.append(Contender(
@@ -328,7 +328,7 @@ def main() -> None:
                        Contender("diffusers fp32 + channels_last", "diffusers", FastPaths(channels_last=True),
                                  diffusers)]
     if machine.bf16_is_fast:
-        fastest_bf16 = recommend_fast_paths("bf16", fp32_gflops=machine.fp32_gflops, bf16_gflops=machine.bf16_gflops)
+        fastest_bf16 = recommend_fast_paths("bf16", **peaks)
         contenders += [Contender("sdcore bf16 autocast", "sdcore", FastPaths(autocast="bf16"), sdcore),
                        Contender(f"sdcore bf16 recommended ({describe(fastest_bf16)})", "sdcore", fastest_bf16,
                                  sdcore)]

@@ -343,13 +343,15 @@ def recommend_fast_paths(precision: str = "fp32", device: str | torch.device = "
                          persistent_weight_casts=True, fused_optimizer=True, keep_freed_memory=True)
     onednn = autocast is None and onednn_beats_blas(fp32_gflops, onednn_fp32_gflops)
     capability = torch.backends.cpu.get_cpu_capability() if capability is None else capability
-    avx2 = autocast is None and capability == "AVX2"
+    if autocast is not None:
+        winograd, winograd4 = CPU_FP32_CONV_WINOGRAD_MIN_PIXELS, 0
+    elif capability == "AVX2":
+        winograd, winograd4 = CPU_AVX2_FP32_CONV_WINOGRAD_MIN_PIXELS, CPU_AVX2_FP32_CONV_WINOGRAD4_MIN_PIXELS
+    else:
+        winograd, winograd4 = CPU_FP32_CONV_WINOGRAD_MIN_PIXELS, CPU_FP32_CONV_WINOGRAD4_MIN_PIXELS
     return FastPaths(attention="onednn" if onednn else "sdpa", autocast=autocast, onednn_linear=onednn,
                      conv_gemm_max_pixels=CPU_FP32_ONEDNN_CONV_GEMM_MAX_PIXELS if onednn else CPU_FP32_CONV_GEMM_MAX_PIXELS,
-                     conv_winograd_min_pixels=CPU_AVX2_FP32_CONV_WINOGRAD_MIN_PIXELS if avx2
-                     else CPU_FP32_CONV_WINOGRAD_MIN_PIXELS,
-                     conv_winograd4_min_pixels=0 if autocast is not None
-                     else CPU_AVX2_FP32_CONV_WINOGRAD4_MIN_PIXELS if avx2 else CPU_FP32_CONV_WINOGRAD4_MIN_PIXELS,
+                     conv_winograd_min_pixels=winograd, conv_winograd4_min_pixels=winograd4,
                      fused_optimizer=True,
                      keep_freed_memory=True)
 
