@@ -47,6 +47,20 @@ SHAPES = [(2, 2, 5, 7, 6, 8, True, False), (2, 1, 3, 4, 2, 2, False, True), (2, 
           (4, 2, 5, 7, 8, 12, True, False), (4, 1, 3, 4, 4, 4, False, True), (4, 3, 16, 8, 16, 8, True, True)]
 
 
+@pytest.mark.parametrize("side", [16, 6])  # fp32 planes of 1 KiB (the padded-copy route) and of 144 B
+@pytest.mark.parametrize("pad", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_to_nhwc_is_the_padded_permuted_copy(side, pad, dtype, channels_last):
+    x = torch.randn(2, 5, side, side)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    got = sdcore.winograd._to_nhwc(x, pad, dtype)
+    want = F.pad(x, (pad,) * 4).permute(0, 2, 3, 1).contiguous().to(dtype)
+    assert got.is_contiguous() and got.dtype == dtype
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("m, n, c_in, c_out, h, w, bias, channels_last", SHAPES)
 def test_winograd_is_the_convolution_in_float64(m, n, c_in, c_out, h, w, bias, channels_last):
     x, weight, b, grad_out = case(n, c_in, c_out, h, w, bias, channels_last)
