@@ -59,6 +59,8 @@ def test_to_nhwc_is_the_padded_permuted_copy(side, pad, dtype, channels_last):
     want = F.pad(x, (pad,) * 4).permute(0, 2, 3, 1).contiguous().to(dtype)
     assert got.is_contiguous() and got.dtype == dtype
     assert torch.equal(got, want)
+    if channels_last and not pad and dtype == torch.float32:
+        assert got.data_ptr() == x.data_ptr()  # already NHWC in memory: no copy
 
 
 @pytest.mark.parametrize("m, n, c_in, c_out, h, w, bias, channels_last", SHAPES)
